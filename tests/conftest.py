@@ -1,0 +1,113 @@
+"""Shared fixtures: the driven clock, Redis gating, and private redis-server processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from seawall.clock import ManualClock
+
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+REQUIRE_REDIS = os.environ.get("SEAWALL_REQUIRE_REDIS") == "1"
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+def _redis_answers(url: str) -> str | None:
+    """None when Redis answers PING at ``url``, else the reason it does not."""
+    try:
+        import redis
+    except ImportError:
+        return "the redis package is not installed (pip install 'seawall[redis]')"
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+        client.ping()
+        client.close()
+    except Exception as exc:
+        return f"Redis at {url} does not answer: {exc}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """URL of a live Redis; skips visibly, or fails under SEAWALL_REQUIRE_REDIS=1."""
+    reason = _redis_answers(REDIS_URL)
+    if reason is not None:
+        if REQUIRE_REDIS:
+            pytest.fail(f"SEAWALL_REQUIRE_REDIS=1 but {reason}")
+        pytest.skip(reason)
+    return REDIS_URL
+
+
+@dataclass
+class RedisProcess:
+    port: int
+    process: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        """Stop this server by its own process id (never by name)."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def redis_process() -> Iterator[Callable[[], RedisProcess]]:
+    """Start private redis-server processes on free ports; they are stopped afterwards."""
+    binary = shutil.which("redis-server")
+    started: list[RedisProcess] = []
+
+    def start() -> RedisProcess:
+        if binary is None:
+            if REQUIRE_REDIS:
+                pytest.fail("SEAWALL_REQUIRE_REDIS=1 but redis-server is not on PATH")
+            pytest.skip("redis-server is not on PATH")
+        port = _free_port()
+        proc = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        server = RedisProcess(port, proc)
+        started.append(server)
+        deadline = time.monotonic() + 10
+        while _redis_answers(server.url) is not None:
+            if time.monotonic() > deadline:
+                server.stop()
+                pytest.fail(f"private redis-server on port {port} did not start")
+            time.sleep(0.05)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
