@@ -1,0 +1,149 @@
+"""Server face of the fallback cache: pure ASGI middleware.
+
+For GET/HEAD it tees successful responses into the cache as they stream (nothing is
+buffered), and answers from the cache when the app raises, returns a fallback status
+(5xx, 429) or is shed by seawall (503 with ``x-seawall-shed``). It needs no buffering to
+do so: the status is in ``http.response.start`` itself, so only that one message is
+inspected before deciding whether to pass the app's response on or to swallow it and
+send the stored copy instead. It never answers from the cache while the app is healthy:
+the app stays the authority on who may read what.
+"""
+
+from __future__ import annotations
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from seawall.cache.fallback import FallbackCache, Hit, Recorder
+from seawall.cache.keys import RequestInfo
+from seawall.clock import SYSTEM_CLOCK, Clock
+from seawall.events import EventBus
+from seawall.policy.cache import CachePolicy
+
+__all__ = ["SHED_HEADER", "FallbackCacheMiddleware"]
+
+SHED_HEADER = b"x-seawall-shed"
+
+
+def request_info(scope: Scope) -> RequestInfo:
+    """The face-neutral request of an ASGI HTTP scope (absolute URL, lower-case headers)."""
+    headers = [
+        (k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope.get("headers") or ()
+    ]
+    host = next((v for k, v in headers if k == "host"), None)
+    if host is None:
+        server = scope.get("server")
+        host = f"{server[0]}:{server[1]}" if server else "localhost"
+    path = scope.get("root_path", "") + scope.get("path", "/")
+    query = scope.get("query_string", b"").decode("latin-1")
+    url = f"{scope.get('scheme', 'http')}://{host}{path}" + (f"?{query}" if query else "")
+    return RequestInfo(scope["method"], url, headers)
+
+
+class _Exchange:
+    __slots__ = ("answered", "recorder", "started")
+
+    def __init__(self) -> None:
+        self.started = False  # the app's response start went to the client
+        self.answered = False  # the cache answered instead
+        self.recorder: Recorder | None = None
+
+
+class FallbackCacheMiddleware:
+    """Record artifact responses; serve them when the app fails or is shed.
+
+    ``FallbackCacheMiddleware(app)`` works alone on the bounded in-memory store; pass a
+    shared :class:`FallbackCache` (e.g. on a ``DiskStore``) to share it with clients.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        cache: FallbackCache | None = None,
+        policy: CachePolicy | None = None,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        events: EventBus | None = None,
+    ) -> None:
+        self.app = app
+        self.cache = cache or FallbackCache(policy=policy, clock=clock, events=events)
+
+    def _falls_back(self, message: Message) -> bool:
+        status = int(message["status"])
+        if status in self.cache.policy.fallback_statuses:
+            return True
+        return status == 503 and any(
+            k.lower() == SHED_HEADER for k, _ in message.get("headers", ())
+        )
+
+    async def _serve(self, send: Send, hit: Hit, head: bool, reason: str) -> None:
+        headers = self.cache.served(hit, reason=reason)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": hit.status,
+                "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers],
+            }
+        )
+        if head:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        async for chunk in self.cache.body(hit):
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("GET", "HEAD"):
+            await self.app(scope, receive, send)
+            return
+        cache = self.cache
+        request = request_info(scope)
+        head = scope["method"] == "HEAD"
+        ex = _Exchange()
+
+        async def send_wrapper(message: Message) -> None:
+            kind = message["type"]
+            if ex.answered:
+                return  # the app's own response was replaced by the stored copy
+            if kind == "http.response.start":
+                if self._falls_back(message):
+                    hit = await cache.lookup(request)
+                    if hit is not None and hit.usable_on_error:
+                        ex.answered = True
+                        await self._serve(send, hit, head, f"status {message['status']}")
+                        return
+                if not head:
+                    headers = [
+                        (k.decode("latin-1").lower(), v.decode("latin-1"))
+                        for k, v in message.get("headers", ())
+                    ]
+                    ex.recorder = await cache.recorder(request, int(message["status"]), headers)
+                ex.started = True
+                await send(message)
+                return
+            rec = ex.recorder
+            if kind == "http.response.body":
+                await send(message)
+                if rec is not None:
+                    await rec.feed(message.get("body", b""))
+                    if not message.get("more_body", False):
+                        await rec.finish()
+                return
+            if rec is not None:  # pathsend/zerocopy: a body we cannot see is not recorded
+                await rec.abort()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except Exception:
+            if ex.answered:
+                return  # already answered from the cache; the app's late failure is moot
+            if not ex.started:
+                hit = await cache.lookup(request)
+                if hit is not None and hit.usable_on_error:
+                    ex.answered = True
+                    await self._serve(send, hit, head, "app raised")
+                    return
+            raise
+        finally:
+            if ex.recorder is not None and not ex.recorder.done:
+                await ex.recorder.abort()

@@ -1,0 +1,406 @@
+"""A directory store bounded in bytes that survives restarts and crashes.
+
+Each entry is ONE file: the body, then the JSON metadata, then a 24-byte trailer
+(body length, metadata length, magic). A write goes to ``tmp/*.part``, is fsynced and
+renamed into place, so a reader sees either the old entry or the whole new one; a crash
+mid-write leaves only a ``.part`` file, which is never read and is deleted on start.
+A file with a bad trailer is deleted and counted. File I/O runs in worker threads in
+blocks of about 1 MiB so the event loop never waits on the disk. A full disk or an
+unwritable directory disables writes (with an event) and reads go on; writes are tried
+again after ``retry_writes_after`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import secrets
+import struct
+import threading
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import IO, Any
+
+from seawall.cache.store import (
+    CacheEvicted,
+    CacheWritesDisabled,
+    Meta,
+    Reader,
+    Store,
+    StoreStats,
+    Writer,
+)
+from seawall.clock import SYSTEM_CLOCK, Clock
+from seawall.events import DEFAULT_BUS, EventBus
+
+__all__ = ["DiskStore"]
+
+_MAGIC = b"SEAWALL1"
+_TRAILER = struct.Struct(">QQ8s")
+_BLOCK = 1024 * 1024
+_READ_CHUNK = 64 * 1024
+
+
+class DiskStore(Store):
+    """Entries as files under ``root/<namespace>/``; an in-memory LRU index of sizes."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        max_bytes: int = 10 * 1024 * 1024 * 1024,
+        *,
+        namespace: str = "seawall",
+        retry_writes_after: float = 60.0,
+        fsync: bool = True,
+        clock: Clock = SYSTEM_CLOCK,
+        events: EventBus | None = None,
+    ) -> None:
+        if max_bytes < 1:
+            raise ValueError("max_bytes must be at least 1")
+        self.max_bytes = max_bytes
+        self.namespace = namespace
+        self.stats = StoreStats()
+        self.dir = Path(root) / namespace
+        self.tmp = self.dir / "tmp"
+        self.retry_writes_after = retry_writes_after
+        self.fsync = fsync
+        self._clock = clock
+        self._bus = events or DEFAULT_BUS
+        self._lock = threading.Lock()  # guards the index; loop-agnostic on purpose
+        self._start_lock = threading.Lock()
+        self._index: OrderedDict[str, int] = OrderedDict()  # file name -> size, LRU order
+        self._size = 0
+        self._ready = False
+        self._disabled_at: float | None = None
+        self.last_error: str | None = None
+
+    # -- start-up -----------------------------------------------------------------------
+
+    async def _ensure_ready(self) -> None:
+        if not self._ready:
+            error = await asyncio.to_thread(self.start_sync)
+            if error is not None:
+                self._disable(error)  # emitted on the loop, not from the worker thread
+
+    def start_sync(self) -> OSError | None:
+        """Scan the directory: delete partial files, index entries. Idempotent, blocking.
+
+        Returns the error that makes the directory unwritable, if any (the caller disables
+        writes with it); reading what is there goes on regardless.
+        """
+        with self._start_lock:
+            if self._ready:
+                return None
+            error = self._scan_sync()
+            self._ready = True
+            return error
+
+    def _scan_sync(self) -> OSError | None:
+        error: OSError | None = None
+        try:
+            self.tmp.mkdir(parents=True, exist_ok=True)
+            for part in self.tmp.iterdir():
+                with contextlib.suppress(OSError):
+                    part.unlink()
+            if not os.access(self.tmp, os.W_OK):
+                raise PermissionError(errno.EACCES, "directory is not writable", str(self.tmp))
+        except OSError as exc:
+            error = exc
+        found: list[tuple[float, str, int]] = []
+        try:
+            for sub in self.dir.iterdir():
+                if sub.name == "tmp" or not sub.is_dir():
+                    continue
+                for f in sub.iterdir():
+                    if f.suffix == ".entry":
+                        st = f.stat()
+                        found.append((st.st_mtime, f.name, st.st_size))
+        except OSError as exc:
+            self.last_error = str(exc)
+        found.sort()
+        with self._lock:
+            for _, name, size in found:
+                self._index[name] = size
+                self._size += size
+        self._evict_sync()  # a smaller max_bytes than last time: trim quietly at start
+        return error
+
+    # -- paths and index ----------------------------------------------------------------
+
+    @staticmethod
+    def _name(key: str) -> str:
+        return hashlib.sha256(key.encode()).hexdigest() + ".entry"
+
+    def _path(self, name: str) -> Path:
+        return self.dir / name[:2] / name
+
+    @property
+    def size_bytes(self) -> int:
+        return self._size
+
+    @property
+    def writable(self) -> bool:
+        if self._disabled_at is None:
+            return True
+        if self._clock.now() - self._disabled_at >= self.retry_writes_after:
+            self._disabled_at = None  # try again; the next failure disables once more
+            return True
+        return False
+
+    def _disable(self, exc: BaseException) -> None:
+        self.stats.write_errors += 1
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        first = self._disabled_at is None
+        self._disabled_at = self._clock.now()
+        if first and self._bus.active:
+            self._bus.emit(
+                CacheWritesDisabled(
+                    at=self._clock.now(), store=str(self.dir), error=self.last_error
+                )
+            )
+
+    def _evict_sync(self) -> list[tuple[str, int]]:
+        """Delete least-recently-used files until within bounds; returns what went."""
+        gone: list[tuple[str, int]] = []
+        while True:
+            with self._lock:
+                if self._size <= self.max_bytes or not self._index:
+                    return gone
+                name, size = self._index.popitem(last=False)
+                self._size -= size
+                self.stats.evictions += 1
+            with contextlib.suppress(OSError):
+                self._path(name).unlink()
+            gone.append((name, size))
+
+    def _report_evictions(self, gone: list[tuple[str, int]]) -> None:
+        if gone and self._bus.active:  # emitted on the loop, never from a worker thread
+            for name, size in gone:
+                self._bus.emit(
+                    CacheEvicted(at=self._clock.now(), store=str(self.dir), key=name, size=size)
+                )
+
+    def _forget(self, name: str) -> None:
+        with self._lock:
+            size = self._index.pop(name, None)
+            if size is not None:
+                self._size -= size
+
+    # -- reading ------------------------------------------------------------------------
+
+    def _read_meta_sync(self, name: str) -> tuple[Meta, int] | None:
+        path = self._path(name)
+        try:
+            with open(path, "rb") as f:
+                end = f.seek(0, os.SEEK_END)
+                if end < _TRAILER.size:
+                    raise ValueError("too short")
+                f.seek(end - _TRAILER.size)
+                body_len, meta_len, magic = _TRAILER.unpack(f.read(_TRAILER.size))
+                if magic != _MAGIC or body_len + meta_len + _TRAILER.size != end:
+                    raise ValueError("bad trailer")
+                f.seek(body_len)
+                doc = json.loads(f.read(meta_len))
+                meta = doc["meta"]
+                if not isinstance(meta, dict):
+                    raise ValueError("bad metadata")
+                return meta, body_len
+        except FileNotFoundError:
+            self._forget(name)
+            return None
+        except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
+            self.stats.corrupt += 1
+            self._forget(name)
+            with contextlib.suppress(OSError):
+                path.unlink()
+            return None
+
+    async def open_reader(self, key: str) -> Reader | None:
+        await self._ensure_ready()
+        name = self._name(key)
+        with self._lock:
+            if name not in self._index:
+                return None
+            self._index.move_to_end(name)
+        found = await asyncio.to_thread(self._read_meta_sync, name)
+        if found is None:
+            return None
+        meta, body_len = found
+        return meta, self._iterate(name, body_len)
+
+    async def _iterate(self, name: str, body_len: int) -> AsyncIterator[bytes]:
+        f: IO[bytes] = await asyncio.to_thread(open, self._path(name), "rb")
+        try:
+            left = body_len
+            while left > 0:
+                block = await asyncio.to_thread(f.read, min(_BLOCK, left))
+                if not block:
+                    raise OSError(f"cache entry {name} ended early")
+                left -= len(block)
+                view = memoryview(block)
+                for i in range(0, len(block), _READ_CHUNK):
+                    yield bytes(view[i : i + _READ_CHUNK])
+        finally:
+            await asyncio.to_thread(f.close)
+
+    async def delete(self, key: str) -> None:
+        await self._ensure_ready()
+        name = self._name(key)
+        self._forget(name)
+        await asyncio.to_thread(self._unlink, self._path(name))
+
+    @staticmethod
+    def _unlink(path: Path) -> None:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+    async def keys(self) -> list[str]:
+        await self._ensure_ready()
+        with self._lock:
+            names = list(self._index)
+        out: list[str] = []
+        for name in names:
+            doc = await asyncio.to_thread(self._read_key_sync, name)
+            if doc is not None:
+                out.append(doc)
+        return out
+
+    def _read_key_sync(self, name: str) -> str | None:
+        found = self._read_meta_sync(name)
+        if found is None:
+            return None
+        with open(self._path(name), "rb") as f:
+            end = f.seek(0, os.SEEK_END)
+            f.seek(end - _TRAILER.size)
+            body_len, meta_len, _ = _TRAILER.unpack(f.read(_TRAILER.size))
+            f.seek(body_len)
+            key: Any = json.loads(f.read(meta_len)).get("key")
+        return key if isinstance(key, str) else None
+
+    # -- writing ------------------------------------------------------------------------
+
+    async def open_writer(self, key: str) -> Writer:
+        await self._ensure_ready()
+        return _DiskWriter(self, key)
+
+
+class _DiskWriter(Writer):
+    def __init__(self, store: DiskStore, key: str) -> None:
+        self._store = store
+        self._key = key
+        self._name = store._name(key)
+        self._file: IO[bytes] | None = None
+        self._tmp: Path | None = None
+        self._buf: list[bytes] = []
+        self._buffered = 0
+        self._size = 0
+        self._failed = not store.writable
+        self._done = False
+
+    def _fail(self, exc: BaseException | None) -> None:
+        self._failed = True
+        self._buf = []
+        self._buffered = 0
+        if exc is not None:
+            self._store._disable(exc)
+
+    def _cleanup_sync(self) -> None:
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+        if self._tmp is not None:
+            with contextlib.suppress(OSError):
+                self._tmp.unlink()
+            self._tmp = None
+
+    def _flush_sync(self, blocks: list[bytes]) -> None:
+        if self._file is None:
+            self._tmp = self._store.tmp / f"{self._name}.{secrets.token_hex(6)}.part"
+            self._file = open(self._tmp, "xb")  # noqa: SIM115 - closed in commit/abort
+        for block in blocks:
+            self._file.write(block)
+
+    async def _flush(self) -> None:
+        blocks, self._buf, self._buffered = self._buf, [], 0
+        try:
+            await asyncio.to_thread(self._flush_sync, blocks)
+        except OSError as exc:
+            self._fail(exc)
+            await asyncio.to_thread(self._cleanup_sync)
+
+    async def write(self, chunk: bytes) -> None:
+        if self._failed or self._done or not chunk:
+            return
+        self._size += len(chunk)
+        if self._size > self._store.max_bytes:
+            self._fail(None)  # cannot fit: stop writing, keep no partial file
+            await asyncio.to_thread(self._cleanup_sync)
+            return
+        self._buf.append(bytes(chunk))
+        self._buffered += len(chunk)
+        if self._buffered >= _BLOCK:
+            await self._flush()
+
+    def _commit_sync(self, meta_bytes: bytes) -> int:
+        assert self._file is not None and self._tmp is not None
+        self._file.write(meta_bytes)
+        self._file.write(_TRAILER.pack(self._size, len(meta_bytes), _MAGIC))
+        self._file.flush()
+        if self._store.fsync:
+            os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        final = self._store._path(self._name)
+        final.parent.mkdir(exist_ok=True)
+        os.replace(self._tmp, final)
+        self._tmp = None
+        if self._store.fsync:
+            fd = os.open(final.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        return self._size + len(meta_bytes) + _TRAILER.size
+
+    async def commit(self, meta: Meta) -> bool:
+        if self._done:
+            return False
+        self._done = True
+        store = self._store
+        if self._failed:
+            store.stats.aborts += 1
+            await asyncio.to_thread(self._cleanup_sync)
+            return False
+        meta_bytes = json.dumps({"key": self._key, "meta": meta}, separators=(",", ":")).encode()
+        try:
+            await asyncio.to_thread(self._flush_sync, self._buf)
+            self._buf = []
+            total = await asyncio.to_thread(self._commit_sync, meta_bytes)
+        except OSError as exc:
+            self._fail(exc)
+            store.stats.aborts += 1
+            await asyncio.to_thread(self._cleanup_sync)
+            return False
+        with store._lock:
+            old = store._index.pop(self._name, None)
+            if old is not None:
+                store._size -= old
+            store._index[self._name] = total
+            store._size += total
+        store.stats.commits += 1
+        store._report_evictions(await asyncio.to_thread(store._evict_sync))
+        return True
+
+    async def abort(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._buf = []
+        self._store.stats.aborts += 1
+        await asyncio.to_thread(self._cleanup_sync)

@@ -1,0 +1,97 @@
+"""Policy of the fallback cache: how much to keep, how long metadata stays usable.
+
+Defaults are tuned for artifact traffic: blobs named by a digest never go stale, while
+metadata (manifests by tag, simple pages, packuments) usually arrives with no
+Cache-Control at all, so it gets a short default freshness and a long stale-if-error
+window: a build that pulled yesterday should still pull when the registry is down today.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from seawall.errors import PolicyError
+from seawall.policy.base import (
+    PolicyBase,
+    check_int_at_least,
+    check_non_negative,
+)
+
+__all__ = ["DEFAULT_EXTRACTORS", "CachePolicy"]
+
+DEFAULT_EXTRACTORS: tuple[str, ...] = ("oci", "fragment", "path")
+"""Digest extractors tried in order (names registered in :mod:`seawall.cache.keys`)."""
+
+_MIB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class CachePolicy(PolicyBase):
+    """Settings shared by the middleware and the client transport.
+
+    - ``max_bytes``: capacity of the default in-memory store (256 MiB).
+    - ``max_entry_bytes``: larger bodies stream through uncached in the memory store, so
+      one huge layer cannot evict everything else or sit in RAM (64 MiB).
+    - ``default_fresh_seconds``: freshness of metadata sent without Cache-Control/Expires
+      (registries send none for manifests); 60 s keeps tags moving.
+    - ``max_stale``: stale-if-error window in seconds (RFC 5861): how long past freshness
+      a copy may still be served when the upstream fails (7 days).
+    - ``stale_while_revalidate``: seconds past freshness during which the client serves
+      the stored copy at once and revalidates in the background (0 = off).
+    - ``public``: the upstream serves the same bytes to everybody, so credentials are not
+      part of the key (off: a response is only served to the same credentials).
+    - ``fallback_statuses``: upstream statuses that make the cache answer instead: 429
+      (shed or limited) and every 5xx except 501/505, which no retry or copy would fix.
+    - ``extractors``: names of digest extractors (see ``seawall.cache.keys``).
+    - ``serve_fresh``: the client serves fresh entries without asking the upstream.
+    - ``namespace``: prefix of every store key (several caches can share one store).
+    """
+
+    max_bytes: int = 256 * _MIB
+    max_entry_bytes: int = 64 * _MIB
+    default_fresh_seconds: float = 60.0
+    max_stale: float = 7 * 24 * 3600.0
+    stale_while_revalidate: float = 0.0
+    public: bool = False
+    fallback_statuses: frozenset[int] = field(
+        default_factory=lambda: frozenset({429, *range(500, 600)} - {501, 505})
+    )
+    extractors: tuple[str, ...] = DEFAULT_EXTRACTORS
+    serve_fresh: bool = True
+    namespace: str = "seawall"
+
+    def __post_init__(self) -> None:
+        check_int_at_least("max_bytes", self.max_bytes, 1)
+        check_int_at_least("max_entry_bytes", self.max_entry_bytes, 1)
+        if self.max_entry_bytes > self.max_bytes:
+            raise PolicyError(
+                "max_entry_bytes",
+                self.max_entry_bytes,
+                f"must not exceed max_bytes ({self.max_bytes})",
+            )
+        check_non_negative("default_fresh_seconds", self.default_fresh_seconds)
+        check_non_negative("max_stale", self.max_stale)
+        check_non_negative("stale_while_revalidate", self.stale_while_revalidate)
+        if not isinstance(self.public, bool):
+            raise PolicyError("public", self.public, "must be true or false")
+        if not isinstance(self.serve_fresh, bool):
+            raise PolicyError("serve_fresh", self.serve_fresh, "must be true or false")
+        if not isinstance(self.fallback_statuses, frozenset):
+            object.__setattr__(self, "fallback_statuses", frozenset(self.fallback_statuses))
+        for status in self.fallback_statuses:
+            if isinstance(status, bool) or not isinstance(status, int) or not 400 <= status <= 599:
+                raise PolicyError(
+                    "fallback_statuses", status, "must be an HTTP error status (400-599)"
+                )
+        if isinstance(self.extractors, str) or not isinstance(self.extractors, tuple | list):
+            raise PolicyError("extractors", self.extractors, "must be a list of extractor names")
+        object.__setattr__(self, "extractors", tuple(self.extractors))
+        from seawall.cache.keys import EXTRACTORS  # late: keys imports nothing from policy
+
+        for name in self.extractors:
+            if name not in EXTRACTORS:
+                raise PolicyError(
+                    "extractors", name, f"is not a known extractor; known: {', '.join(EXTRACTORS)}"
+                )
+        if not isinstance(self.namespace, str) or not self.namespace or "\n" in self.namespace:
+            raise PolicyError("namespace", self.namespace, "must be a non-empty one-line string")

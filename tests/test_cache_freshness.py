@@ -1,0 +1,173 @@
+"""Sans-IO freshness: lifetimes, ages, RFC 5861 windows, storability."""
+
+from __future__ import annotations
+
+import math
+from email.utils import formatdate
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from seawall.cache.freshness import (
+    Freshness,
+    State,
+    cache_control,
+    evaluate,
+    freshness_for,
+    http_date,
+    is_storable_request,
+    is_storable_response,
+)
+from seawall.clock import ManualClock
+
+NOW = 1_700_000_000.0
+
+
+def fresh(headers: list[tuple[str, str]], **kw: float | bool) -> Freshness:
+    args: dict[str, float | bool] = {
+        "immutable": False,
+        "default_fresh": 60.0,
+        "max_stale": 3600.0,
+        "stale_while_revalidate": 0.0,
+    }
+    args.update(kw)
+    return freshness_for(headers, now_wall=NOW, **args)  # type: ignore[arg-type]
+
+
+def test_cache_control_parsing() -> None:
+    cc = cache_control('max-age=60, No-Store, stale-if-error="30",  ,private')
+    assert cc == {"max-age": "60", "no-store": None, "stale-if-error": "30", "private": None}
+    assert cache_control(None) == {}
+
+
+def test_default_freshness_when_registry_sends_no_cache_control(clock: ManualClock) -> None:
+    f = freshness_for(
+        [("etag", '"sha256:abc"'), ("docker-content-digest", "sha256:abc")],
+        now_wall=clock.wall(),
+        immutable=False,
+        default_fresh=60.0,
+        max_stale=3600.0,
+        stale_while_revalidate=0.0,
+    )
+    assert f.lifetime == 60.0
+    assert evaluate(f, clock.wall()) is State.FRESH
+    clock.advance(59.9)
+    assert evaluate(f, clock.wall()) is State.FRESH
+    clock.advance(0.2)
+    assert evaluate(f, clock.wall()) is State.STALE_IF_ERROR
+    clock.advance(3600.0 - 0.1 - 0.05)
+    assert evaluate(f, clock.wall()) is State.STALE_IF_ERROR
+    clock.advance(0.2)
+    assert evaluate(f, clock.wall()) is State.EXPIRED
+
+
+def test_max_age_s_maxage_and_expires() -> None:
+    assert fresh([("cache-control", "max-age=300")]).lifetime == 300
+    assert fresh([("cache-control", "max-age=300, s-maxage=10")]).lifetime == 10
+    expires = [
+        ("date", formatdate(NOW - 10, usegmt=True)),
+        ("expires", formatdate(NOW + 90, usegmt=True)),
+    ]
+    assert fresh(expires).lifetime == 100
+    assert fresh([("expires", "0")]).lifetime == 0  # invalid Expires: already expired
+    assert fresh([("cache-control", "max-age=nonsense")]).lifetime == 60  # ignored -> default
+
+
+def test_age_header_and_date_count_towards_age() -> None:
+    f = fresh([("cache-control", "max-age=100"), ("age", "40")])
+    assert f.age(NOW) == 40
+    assert evaluate(f, NOW + 59) is State.FRESH
+    assert evaluate(f, NOW + 61) is State.STALE_IF_ERROR
+    g = fresh([("date", formatdate(NOW - 30, usegmt=True))])
+    assert 29 <= g.age(NOW) <= 31
+
+
+def test_no_cache_is_stored_but_always_revalidated_and_usable_on_error() -> None:
+    f = fresh([("cache-control", "no-cache")])
+    assert f.lifetime == 0
+    assert evaluate(f, NOW) is State.STALE_IF_ERROR
+
+
+def test_must_revalidate_forbids_stale_use() -> None:
+    f = fresh([("cache-control", "max-age=10, must-revalidate, stale-if-error=100")])
+    assert evaluate(f, NOW + 5) is State.FRESH
+    assert evaluate(f, NOW + 11) is State.EXPIRED
+
+
+def test_stale_if_error_from_response_is_capped_by_policy() -> None:
+    f = fresh([("cache-control", "max-age=10, stale-if-error=20")])
+    assert evaluate(f, NOW + 29) is State.STALE_IF_ERROR
+    assert evaluate(f, NOW + 31) is State.EXPIRED
+    g = fresh([("cache-control", "max-age=10, stale-if-error=99999")], max_stale=50.0)
+    assert g.stale_if_error == 50
+    assert evaluate(g, NOW + 61) is State.EXPIRED
+
+
+def test_stale_while_revalidate_window() -> None:
+    f = fresh([("cache-control", "max-age=10, stale-while-revalidate=5")])
+    assert evaluate(f, NOW + 12) is State.STALE_REVALIDATE
+    assert evaluate(f, NOW + 16) is State.STALE_IF_ERROR
+    g = fresh([], stale_while_revalidate=30.0)
+    assert evaluate(g, NOW + 80) is State.STALE_REVALIDATE
+
+
+def test_digest_named_blobs_never_go_stale() -> None:
+    f = fresh([("cache-control", "max-age=1")], immutable=True)
+    assert math.isinf(f.lifetime)
+    assert evaluate(f, NOW + 10**9) is State.FRESH
+    assert Freshness.from_json(f.to_json()) == f
+
+
+def test_storability() -> None:
+    assert is_storable_request("GET", [])
+    assert not is_storable_request("HEAD", [])
+    assert not is_storable_request("POST", [])
+    assert not is_storable_request("GET", [("cache-control", "no-store")])
+    assert is_storable_response(200, [("cache-control", "max-age=60")])
+    assert not is_storable_response(200, [("cache-control", "no-store")])
+    assert not is_storable_response(200, [("Cache-Control", "private, max-age=60")])
+    assert not is_storable_response(200, [("vary", "*")])
+    for status in (206, 304, 404, 500, 503):
+        assert not is_storable_response(status, [])
+
+
+def test_http_date() -> None:
+    assert http_date(formatdate(NOW, usegmt=True)) == NOW
+    assert http_date("yesterday") is None
+    assert http_date(None) is None
+
+
+_ORDER = [State.FRESH, State.STALE_REVALIDATE, State.STALE_IF_ERROR, State.EXPIRED]
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    max_age=st.integers(0, 1000),
+    swr=st.integers(0, 1000),
+    sie=st.integers(0, 1000),
+    steps=st.lists(st.floats(0, 500, allow_nan=False), min_size=1, max_size=20),
+)
+def test_state_only_moves_forward_in_time(
+    max_age: int, swr: int, sie: int, steps: list[float]
+) -> None:
+    f = fresh(
+        [
+            (
+                "cache-control",
+                f"max-age={max_age}, stale-while-revalidate={swr}, stale-if-error={sie}",
+            )
+        ],
+        max_stale=10_000.0,
+    )
+    clock = ManualClock(wall_start=NOW)
+    last = _ORDER.index(evaluate(f, clock.wall()))
+    assert last == 0 or max_age == 0
+    for step in steps:
+        clock.advance(step)
+        state = evaluate(f, clock.wall())
+        assert _ORDER.index(state) >= last
+        last = _ORDER.index(state)
+        usable = clock.wall() - NOW <= max_age + max(swr, sie)
+        assert (state is not State.EXPIRED) == usable or (
+            clock.wall() - NOW == max_age + max(swr, sie)
+        )

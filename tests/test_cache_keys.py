@@ -1,0 +1,175 @@
+"""Cache keys: digest extractors, credential scope, Accept for manifests, Vary, policy."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from seawall.cache.keys import (
+    EXTRACTORS,
+    RequestInfo,
+    credential_scope,
+    extract_digest,
+    fragment_digest,
+    is_manifest_request,
+    oci_blob_digest,
+    parse_vary,
+    path_digest,
+    register_extractor,
+    request_key,
+    variant_key,
+    vary_values,
+)
+from seawall.errors import PolicyError
+from seawall.policy.cache import CachePolicy
+
+HEX = "a" * 64
+HEX2 = "0123456789abcdef" * 4
+
+
+def test_oci_extractor_matches_blobs_only() -> None:
+    assert oci_blob_digest(f"/v2/library/alpine/blobs/sha256:{HEX}", "") == f"sha256:{HEX}"
+    assert oci_blob_digest(f"/v2/a/b/c/blobs/sha256:{HEX2}", "") == f"sha256:{HEX2}"
+    assert oci_blob_digest("/v2/library/alpine/manifests/latest", "") is None
+    assert oci_blob_digest(f"/v2/x/blobs/sha256:{HEX[:63]}", "") is None
+    assert oci_blob_digest(f"/v2/x/blobs/uploads/sha256:{HEX}x", "") is None
+
+
+def test_fragment_extractor() -> None:
+    assert fragment_digest("/packages/x.whl", f"sha256={HEX}") == f"sha256:{HEX}"
+    assert fragment_digest("/packages/x.whl", f"md5=00&sha256={HEX2}") == f"sha256:{HEX2}"
+    assert fragment_digest("/packages/x.whl", "md5=00") is None
+    assert fragment_digest("/packages/x.whl", f"sha256={HEX}0") is None
+
+
+def test_path_extractor_both_spellings() -> None:
+    assert path_digest(f"/api/sha256/{HEX}/file.tgz", "") == f"sha256:{HEX}"
+    assert path_digest(f"/store/sha256:{HEX2}", "") == f"sha256:{HEX2}"
+    assert path_digest("/store/sha256/not-hex", "") is None
+    assert path_digest("/sha256", "") is None
+
+
+def test_extractors_are_pluggable_and_selected_by_policy() -> None:
+    def nexus(path: str, fragment: str) -> str | None:
+        return f"sha256:{path.rsplit('/', 1)[-1]}" if path.startswith("/nexus/") else None
+
+    register_extractor("nexus-test", nexus)
+    try:
+        assert extract_digest(f"/nexus/{HEX}", "", ["nexus-test"]) == f"sha256:{HEX}"
+        assert extract_digest(f"/nexus/{HEX}", "", ["oci"]) is None
+        policy = CachePolicy(extractors=("nexus-test",))
+        key = request_key(
+            RequestInfo("GET", f"https://r/nexus/{HEX}"), extractors=policy.extractors
+        )
+        assert key.digest == f"sha256:{HEX}"
+    finally:
+        del EXTRACTORS["nexus-test"]
+    with pytest.raises(PolicyError, match="extractors"):
+        CachePolicy(extractors=("nexus-test",))
+
+
+def test_head_and_get_share_a_key_and_url_is_normalized() -> None:
+    a = request_key(RequestInfo("GET", "HTTPS://Registry.Example:443/v2/x/manifests/1"))
+    b = request_key(RequestInfo("HEAD", "https://registry.example/v2/x/manifests/1"))
+    assert a.base == b.base
+    assert a.url == "https://registry.example/v2/x/manifests/1"
+    c = request_key(RequestInfo("GET", "https://registry.example:5000/v2/x/manifests/1"))
+    assert c.base != a.base
+    d = request_key(RequestInfo("GET", "https://registry.example/v2/x/manifests/1?n=1"))
+    assert d.base != a.base
+
+
+def test_fragment_is_not_part_of_the_url_but_its_digest_is() -> None:
+    a = request_key(RequestInfo("GET", f"https://pypi/x.whl#sha256={HEX}"))
+    b = request_key(RequestInfo("GET", f"https://pypi/x.whl#sha256={HEX2}"))
+    c = request_key(RequestInfo("GET", f"https://pypi/x.whl#sha256={HEX}"))
+    assert a.url == b.url == "https://pypi/x.whl"
+    assert a.base != b.base  # a response for one digest is never the answer for another
+    assert a.base == c.base
+
+
+def test_credentials_scope_the_key() -> None:
+    url = f"https://r/v2/x/blobs/sha256:{HEX}"
+    anon = request_key(RequestInfo("GET", url))
+    alice = request_key(RequestInfo("GET", url, [("authorization", "Bearer alice")]))
+    bob = request_key(RequestInfo("GET", url, [("authorization", "Bearer bob")]))
+    cookie = request_key(RequestInfo("GET", url, [("cookie", "s=1")]))
+    assert len({anon.base, alice.base, bob.base, cookie.base}) == 4
+    assert anon.scope == "anon"
+    assert "alice" not in alice.scope and alice.scope.startswith("cred:")
+    public_a = request_key(RequestInfo("GET", url, [("authorization", "Bearer a")]), public=True)
+    public_b = request_key(RequestInfo("GET", url), public=True)
+    assert public_a.base == public_b.base
+
+
+def test_credential_hash_is_salted_by_namespace() -> None:
+    req = RequestInfo("GET", "https://r/", [("authorization", "Basic eA==")])
+    assert credential_scope(req, public=False, namespace="a") != credential_scope(
+        req, public=False, namespace="b"
+    )
+
+
+def test_accept_is_in_the_key_of_manifest_requests_only() -> None:
+    m = "https://r/v2/lib/alpine/manifests/3.19"
+    oci = "application/vnd.oci.image.index.v1+json"
+    docker = "application/vnd.docker.distribution.manifest.v2+json"
+    k1 = request_key(RequestInfo("GET", m, [("accept", oci)]))
+    k2 = request_key(RequestInfo("GET", m, [("accept", docker)]))
+    k3 = request_key(RequestInfo("GET", m, [("accept", f"{docker}, {oci}")]))
+    k4 = request_key(RequestInfo("GET", m, [("accept", f"{oci},{docker}")]))
+    assert k1.base != k2.base
+    assert k3.base == k4.base  # order of the list does not matter
+    assert is_manifest_request("/v2/lib/alpine/manifests/3.19")
+    b = f"https://r/v2/lib/alpine/blobs/sha256:{HEX}"
+    assert (
+        request_key(RequestInfo("GET", b, [("accept", oci)])).base
+        == request_key(RequestInfo("GET", b)).base
+    )
+
+
+def test_vary_parsing_and_variants() -> None:
+    assert parse_vary(None) == ()
+    assert parse_vary("Accept-Encoding, accept") == ("accept", "accept-encoding")
+    assert parse_vary("Accept, *") is None
+    req_json = RequestInfo("GET", "https://pypi/simple/x/", [("accept", "application/json")])
+    req_html = RequestInfo("GET", "https://pypi/simple/x/", [("accept", "text/html")])
+    names = ("accept",)
+    base = request_key(req_json).base
+    assert variant_key(base, vary_values(req_json, names)) != variant_key(
+        base, vary_values(req_html, names)
+    )
+    assert vary_values(RequestInfo("GET", "https://x/"), names) == {"accept": ""}
+
+
+@settings(max_examples=60, deadline=None)
+@given(token=st.text(min_size=6, max_size=40).filter(lambda s: s.strip() == s and "\n" not in s))
+def test_keys_never_carry_the_credential(token: str) -> None:
+    req = RequestInfo("GET", "https://r/v2/x/manifests/1", [("authorization", f"Bearer {token}")])
+    key = request_key(req)
+    assert token not in key.scope and token not in key.base
+    assert key == request_key(req)  # deterministic
+    assert key.base != request_key(RequestInfo("GET", "https://r/v2/x/manifests/1")).base
+
+
+def test_policy_validation_and_round_trip() -> None:
+    p = CachePolicy()
+    assert (
+        503 in p.fallback_statuses and 429 in p.fallback_statuses and 501 not in p.fallback_statuses
+    )
+    assert CachePolicy.from_dict(p.to_dict()) == p
+    q = CachePolicy.from_dict({"fallback_statuses": [503], "extractors": ["oci"], "public": True})
+    assert q.fallback_statuses == frozenset({503}) and q.extractors == ("oci",)
+    for bad in (
+        {"max_bytes": 0},
+        {"max_entry_bytes": 10, "max_bytes": 5},
+        {"max_stale": -1},
+        {"default_fresh_seconds": "soon"},
+        {"fallback_statuses": [200]},
+        {"public": "yes"},
+        {"namespace": ""},
+        {"extractors": "oci"},
+        {"no_such": 1},
+    ):
+        with pytest.raises(PolicyError):
+            CachePolicy.from_dict(bad)
