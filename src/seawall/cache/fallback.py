@@ -30,6 +30,7 @@ from seawall.cache.freshness import (
     is_storable_response,
 )
 from seawall.cache.keys import (
+    EXTRACTORS,
     RequestInfo,
     RequestKey,
     parse_vary,
@@ -40,7 +41,7 @@ from seawall.cache.keys import (
 from seawall.cache.memory import MemoryStore
 from seawall.cache.store import Meta, Store, Writer
 from seawall.clock import SYSTEM_CLOCK, Clock
-from seawall.errors import SeawallError
+from seawall.errors import PolicyError, SeawallError
 from seawall.events import DEFAULT_BUS, Event, EventBus
 from seawall.policy.cache import CachePolicy
 
@@ -194,6 +195,11 @@ class FallbackCache:
         events: EventBus | None = None,
     ) -> None:
         self.policy = policy or CachePolicy()
+        for name in self.policy.extractors:
+            if name not in EXTRACTORS:
+                known = ", ".join(EXTRACTORS)
+                problem = f"is not a registered extractor; known: {known}"
+                raise PolicyError("extractors", name, problem)
         self.clock = clock
         self.events = events or DEFAULT_BUS
         self.store: Store = store or MemoryStore(
