@@ -1,0 +1,496 @@
+"""Unit tests of seawall's circuit breaker, policy, classification and registry."""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+import threading
+
+import aiobreaker
+import httpx
+import pytest
+import requests
+
+from seawall.breaker import (
+    BreakerRegistry,
+    BreakerRejected,
+    BreakerState,
+    BreakerStateChanged,
+    CircuitBreaker,
+    CircuitOpenError,
+    Outcome,
+    classify_exception,
+    classify_status,
+)
+from seawall.clock import ManualClock
+from seawall.errors import PolicyError, SeawallError
+from seawall.events import Event, EventBus
+from seawall.policy.breaker import BreakerPolicy
+
+COUNT = BreakerPolicy(window="count", window_size=10, minimum_calls=4, jitter=0.0)
+
+
+def events_of(bus: EventBus) -> list[Event]:
+    seen: list[Event] = []
+    bus.subscribe(seen.append)
+    return seen
+
+
+def fail(breaker: CircuitBreaker, n: int = 1, duration: float = 0.01) -> None:
+    for _ in range(n):
+        breaker.record(breaker.admit(), Outcome.FAILURE, duration)
+
+
+def succeed(breaker: CircuitBreaker, n: int = 1, duration: float = 0.01) -> None:
+    for _ in range(n):
+        breaker.record(breaker.admit(), Outcome.SUCCESS, duration)
+
+
+# -- policy ---------------------------------------------------------------------------------
+
+
+def test_policy_defaults_are_valid_and_round_trip() -> None:
+    policy = BreakerPolicy()
+    assert policy.window == "time"
+    assert policy.half_open_probes == 3
+    assert policy.count_429_as_failure is False
+    assert BreakerPolicy.from_dict(policy.to_dict()) == policy
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("window", "sliding"),
+        ("window_size", 0),
+        ("minimum_calls", 0),
+        ("failure_rate_threshold", 0),
+        ("failure_rate_threshold", 1.5),
+        ("slow_call_duration", -1),
+        ("slow_call_rate_threshold", 0),
+        ("open_duration", 0),
+        ("backoff_multiplier", 0.5),
+        ("max_open_duration", 1.0),
+        ("jitter", 1.0),
+        ("jitter", -0.1),
+        ("half_open_probes", 0),
+        ("probe_timeout", 0),
+        ("count_429_as_failure", "yes"),
+        ("time_buckets", 0),
+    ],
+)
+def test_policy_rejects_bad_values(field: str, value: object) -> None:
+    with pytest.raises(PolicyError) as info:
+        BreakerPolicy.from_dict({field: value})
+    assert info.value.field == field
+
+
+def test_policy_count_window_needs_whole_calls_and_reachable_minimum() -> None:
+    with pytest.raises(PolicyError, match="window_size"):
+        BreakerPolicy(window="count", window_size=10.5)
+    with pytest.raises(PolicyError, match="could never trip"):
+        BreakerPolicy(window="count", window_size=5, minimum_calls=6)
+    with pytest.raises(PolicyError, match="not a setting"):
+        BreakerPolicy.from_dict({"fail_max": 5})
+
+
+def test_open_duration_grows_and_is_capped() -> None:
+    policy = BreakerPolicy(open_duration=10, backoff_multiplier=2, max_open_duration=120)
+    assert [policy.open_duration_for(n) for n in (1, 2, 3, 4, 5)] == [10, 20, 40, 80, 120]
+    assert policy.open_duration_for(10_000) == 120  # no overflow
+
+
+# -- classification --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "outcome"),
+    [
+        (200, Outcome.SUCCESS),
+        (304, Outcome.SUCCESS),
+        (404, Outcome.SUCCESS),
+        (401, Outcome.SUCCESS),
+        (429, Outcome.SUCCESS),
+        (500, Outcome.FAILURE),
+        (501, Outcome.SUCCESS),
+        (502, Outcome.FAILURE),
+        (503, Outcome.FAILURE),
+        (504, Outcome.FAILURE),
+    ],
+)
+def test_classify_status(status: int, outcome: Outcome) -> None:
+    assert classify_status(status, BreakerPolicy()) is outcome
+
+
+def test_classify_429_per_policy() -> None:
+    assert classify_status(429, BreakerPolicy(count_429_as_failure=True)) is Outcome.FAILURE
+
+
+def test_classify_exception() -> None:
+    request = httpx.Request("GET", "https://registry.test/v2/")
+    assert classify_exception(asyncio.CancelledError()) is Outcome.NEUTRAL
+    assert classify_exception(KeyboardInterrupt()) is Outcome.NEUTRAL
+    assert classify_exception(CircuitOpenError("h", 1.0, 1.0)) is Outcome.NEUTRAL
+    assert classify_exception(httpx.ConnectError("refused", request=request)) is Outcome.FAILURE
+    assert classify_exception(httpx.ReadTimeout("slow", request=request)) is Outcome.FAILURE
+    assert classify_exception(TimeoutError()) is Outcome.FAILURE
+    assert classify_exception(ConnectionResetError()) is Outcome.FAILURE
+    assert classify_exception(requests.ConnectionError("down")) is Outcome.FAILURE
+    assert classify_exception(requests.Timeout("slow")) is Outcome.FAILURE
+    assert classify_exception(RuntimeError("unknown SDK error")) is Outcome.FAILURE
+    for status, outcome in ((404, Outcome.SUCCESS), (503, Outcome.FAILURE)):
+        response = httpx.Response(status, request=request)
+        exc = httpx.HTTPStatusError("status", request=request, response=response)
+        assert classify_exception(exc) is outcome
+        r = requests.Response()
+        r.status_code = status
+        assert classify_exception(requests.HTTPError(response=r)) is outcome
+
+
+# -- closed: trip on rates ---------------------------------------------------------------------
+
+
+def test_needs_minimum_calls(clock: ManualClock) -> None:
+    breaker = CircuitBreaker("h", COUNT, clock=clock)
+    fail(breaker, 3)
+    assert breaker.state is BreakerState.CLOSED
+    fail(breaker)
+    assert breaker.state is BreakerState.OPEN
+
+
+def test_trips_at_the_failure_rate_not_below(clock: ManualClock) -> None:
+    breaker = CircuitBreaker("h", COUNT.replace(failure_rate_threshold=0.5), clock=clock)
+    succeed(breaker, 3)
+    fail(breaker, 2)  # 2/5 = 40 %
+    assert breaker.state is BreakerState.CLOSED
+    fail(breaker)  # 3/6 = 50 %
+    assert breaker.state is BreakerState.OPEN
+
+
+def test_count_window_forgets_old_calls(clock: ManualClock) -> None:
+    policy = COUNT.replace(window_size=4, failure_rate_threshold=0.75)
+    breaker = CircuitBreaker("h", policy, clock=clock)
+    fail(breaker, 2)
+    succeed(breaker, 2)
+    succeed(breaker, 2)  # the two failures left the window
+    assert breaker.rates() == (4, 0.0, 0.0)
+    fail(breaker, 2)
+    assert breaker.state is BreakerState.CLOSED  # 2/4
+    fail(breaker)
+    assert breaker.state is BreakerState.OPEN  # 3/4
+
+
+def test_time_window_forgets_old_calls(clock: ManualClock) -> None:
+    policy = BreakerPolicy(window="time", window_size=10, time_buckets=10, minimum_calls=4)
+    breaker = CircuitBreaker("h", policy, clock=clock)
+    fail(breaker, 3)
+    clock.advance(10.0)
+    assert breaker.rates() == (0, 0.0, 0.0)
+    fail(breaker)
+    assert breaker.state is BreakerState.CLOSED
+    clock.advance(5.0)
+    fail(breaker, 3)
+    assert breaker.state is BreakerState.OPEN
+
+
+def test_trips_on_slow_call_rate(clock: ManualClock) -> None:
+    bus = EventBus()
+    seen = events_of(bus)
+    policy = COUNT.replace(slow_call_duration=2.0, slow_call_rate_threshold=0.75)
+    breaker = CircuitBreaker("h", policy, clock=clock, events=bus)
+    succeed(breaker, 1, duration=0.1)
+    succeed(breaker, 2, duration=5.0)
+    assert breaker.state is BreakerState.CLOSED
+    succeed(breaker, 1, duration=2.0)  # 3 of 4 slow
+    assert breaker.state is BreakerState.OPEN
+    changed = [e for e in seen if isinstance(e, BreakerStateChanged)]
+    assert changed[-1].reason == "slow_call_rate"
+    assert changed[-1].slow_rate == 0.75
+
+
+def test_slow_detection_can_be_disabled(clock: ManualClock) -> None:
+    for off in (None, float("inf")):
+        breaker = CircuitBreaker("h", COUNT.replace(slow_call_duration=off), clock=clock)
+        succeed(breaker, 10, duration=1e300)
+        assert breaker.state is BreakerState.CLOSED
+    tomlish = BreakerPolicy.from_dict({"slow_call_duration": float("inf")})
+    assert tomlish.slow_call_duration == float("inf")
+
+
+# -- open: duration, backoff, jitter, rejection --------------------------------------------------
+
+
+def test_open_rejects_with_host_and_retry_time(clock: ManualClock) -> None:
+    bus = EventBus()
+    seen = events_of(bus)
+    breaker = CircuitBreaker("registry.test:443", COUNT, clock=clock, events=bus)
+    fail(breaker, 4)
+    clock.advance(4.0)
+    with pytest.raises(CircuitOpenError) as info:
+        breaker.admit()
+    err = info.value
+    assert isinstance(err, SeawallError)
+    assert isinstance(err, aiobreaker.CircuitBreakerError)
+    assert err.name == "registry.test:443"
+    assert err.retry_in == pytest.approx(6.0)
+    assert err.retry_at == pytest.approx(clock.now() + 6.0)
+    assert "registry.test:443" in str(err)
+    assert "6.0s" in str(err)
+    rejected = [e for e in seen if isinstance(e, BreakerRejected)]
+    assert rejected[-1].retry_in == pytest.approx(6.0)
+    assert pickle.loads(pickle.dumps(err)).retry_in == err.retry_in
+
+
+def test_open_duration_backs_off_on_repeated_trips_and_resets_on_close(clock: ManualClock) -> None:
+    policy = COUNT.replace(open_duration=10.0, backoff_multiplier=2.0, max_open_duration=30.0)
+    breaker = CircuitBreaker("h", policy, clock=clock)
+    fail(breaker, 4)
+    periods = []
+    for _ in range(4):
+        retry_at = breaker.retry_at
+        assert retry_at is not None
+        periods.append(retry_at - clock.now())
+        clock.advance(periods[-1])
+        fail(breaker)  # the probe fails: open again, longer
+    assert periods == [10.0, 20.0, 30.0, 30.0]
+    clock.advance(30.0)
+    succeed(breaker, 3)
+    assert breaker.state is BreakerState.CLOSED
+    fail(breaker, 4)
+    assert breaker.retry_at == clock.now() + 10.0
+
+
+def test_jitter_stays_within_bounds(clock: ManualClock) -> None:
+    policy = COUNT.replace(jitter=0.2, open_duration=10.0)
+    for u, expected in ((0.0, 8.0), (0.5, 10.0), (0.999999, 12.0)):
+        breaker = CircuitBreaker("h", policy, clock=clock, rng=lambda u=u: u)
+        fail(breaker, 4)
+        assert breaker.retry_at == pytest.approx(clock.now() + expected)
+
+
+# -- half-open: probes and generations ------------------------------------------------------------
+
+
+def half_open(clock: ManualClock, probes: int = 3, **changes: object) -> CircuitBreaker:
+    breaker = CircuitBreaker("h", COUNT.replace(half_open_probes=probes, **changes), clock=clock)
+    fail(breaker, 4)
+    clock.advance(10.0)
+    assert breaker.state is BreakerState.HALF_OPEN
+    return breaker
+
+
+def test_probe_failure_reopens_at_once(clock: ManualClock) -> None:
+    breaker = half_open(clock)
+    first = breaker.admit()
+    second = breaker.admit()
+    breaker.record(first, Outcome.SUCCESS, 0.01)
+    breaker.record(second, Outcome.FAILURE, 0.01)
+    assert breaker.state is BreakerState.OPEN
+    assert breaker.consecutive_trips == 2
+
+
+def test_slow_probe_counts_as_failed(clock: ManualClock) -> None:
+    breaker = half_open(clock, slow_call_duration=1.0)
+    breaker.record(breaker.admit(), Outcome.SUCCESS, 3.0)
+    assert breaker.state is BreakerState.OPEN
+
+
+def test_late_success_from_before_the_trip_cannot_close(clock: ManualClock) -> None:
+    breaker = CircuitBreaker("h", COUNT.replace(half_open_probes=1), clock=clock)
+    late = breaker.admit()  # admitted while closed, answers after the trip
+    fail(breaker, 4)
+    clock.advance(10.0)
+    assert breaker.state is BreakerState.HALF_OPEN
+    breaker.record(late, Outcome.SUCCESS, 12.0)
+    assert breaker.state is BreakerState.HALF_OPEN
+
+
+def test_stale_success_cannot_override_a_failed_probe(clock: ManualClock) -> None:
+    breaker = half_open(clock, probes=2)
+    a, b = breaker.admit(), breaker.admit()
+    breaker.record(a, Outcome.FAILURE, 0.01)
+    assert breaker.state is BreakerState.OPEN
+    breaker.record(b, Outcome.SUCCESS, 0.01)
+    assert breaker.state is BreakerState.OPEN
+    clock.advance(20.0)  # the next half-open period does not count b either
+    assert breaker.state is BreakerState.HALF_OPEN
+    breaker.record(a, Outcome.SUCCESS, 0.01)  # idempotent: a second record is ignored
+    assert breaker.state is BreakerState.HALF_OPEN
+
+
+def test_record_is_idempotent(clock: ManualClock) -> None:
+    breaker = CircuitBreaker("h", COUNT, clock=clock)
+    permit = breaker.admit()
+    for _ in range(10):
+        breaker.record(permit, Outcome.FAILURE, 0.01)
+    assert breaker.rates()[0] == 1
+    assert breaker.in_flight == 0
+    assert permit.done
+
+
+def test_permit_from_another_breaker_is_refused(clock: ManualClock) -> None:
+    a = CircuitBreaker("a", COUNT, clock=clock)
+    b = CircuitBreaker("b", COUNT, clock=clock)
+    with pytest.raises(ValueError, match="not issued"):
+        b.record(a.admit(), Outcome.SUCCESS, 0.0)
+
+
+def test_lost_probe_times_out_instead_of_sticking_half_open(clock: ManualClock) -> None:
+    breaker = half_open(clock, probes=1, probe_timeout=30.0)
+    lost = breaker.admit()  # never recorded (a face forgot, a thread died)
+    with pytest.raises(CircuitOpenError) as info:
+        breaker.admit()
+    assert info.value.state is BreakerState.HALF_OPEN
+    assert info.value.retry_in == pytest.approx(10.0)  # min(open_duration, probe expiry)
+    clock.advance(30.0)
+    assert breaker.state is BreakerState.OPEN
+    assert lost.generation != breaker.generation
+
+
+async def test_call_cancelled_by_caller_timeout_is_neutral(clock: ManualClock) -> None:
+    breaker = half_open(clock, probes=1)
+    never = asyncio.Event()
+
+    async def hang() -> None:
+        await never.wait()
+
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0):  # caller-side timeout: the upstream proved nothing
+            await breaker.call(hang)
+    assert breaker.state is BreakerState.HALF_OPEN
+    assert breaker.admit().probe
+
+
+async def test_call_records_results(clock: ManualClock) -> None:
+    breaker = CircuitBreaker("h", COUNT.replace(failure_rate_threshold=0.8), clock=clock)
+
+    async def ok(x: int, *, y: int) -> int:
+        clock.advance(0.5)
+        return x + y
+
+    async def boom() -> None:
+        raise httpx.ConnectError("refused")
+
+    assert await breaker.call(ok, 1, y=2) == 3
+    for _ in range(3):
+        with pytest.raises(httpx.ConnectError):
+            await breaker.call(boom)
+    assert breaker.rates()[:2] == (4, 0.75)
+    assert breaker.state is BreakerState.CLOSED
+    with pytest.raises(httpx.ConnectError):
+        await breaker.call(boom)
+    assert breaker.state is BreakerState.OPEN  # 4 of 5
+    with pytest.raises(CircuitOpenError):
+        await breaker.call(ok, 1, y=2)
+
+
+def test_events_describe_each_transition(clock: ManualClock) -> None:
+    bus = EventBus()
+    seen = events_of(bus)
+    breaker = half_open(clock, probes=1)
+    breaker._bus = bus  # subscribe late: only what follows
+    breaker.record(breaker.admit(), Outcome.SUCCESS, 0.01)
+    fail(breaker, 4)
+    changes = [e for e in seen if isinstance(e, BreakerStateChanged)]
+    assert [(e.old, e.new, e.reason) for e in changes] == [
+        (BreakerState.HALF_OPEN, BreakerState.CLOSED, "probes_succeeded"),
+        (BreakerState.CLOSED, BreakerState.OPEN, "failure_rate"),
+    ]
+    assert changes[1].open_for == 10.0
+    assert changes[1].failure_rate == 1.0
+    assert changes[1].breaker == "h"
+    assert changes[1].name == "breaker.state_changed"
+    assert changes[1].generation == breaker.generation
+
+
+def test_listener_may_read_the_breaker(clock: ManualClock) -> None:
+    bus = EventBus()
+    states: list[BreakerState] = []
+    breaker = CircuitBreaker("h", COUNT, clock=clock, events=bus)
+    bus.subscribe(lambda e: states.append(breaker.state))  # would deadlock under the lock
+    fail(breaker, 4)
+    assert states == [BreakerState.OPEN]
+
+
+# -- threads -------------------------------------------------------------------------------------
+
+
+def test_threads_hammering_one_breaker_keep_it_consistent(clock: ManualClock) -> None:
+    bus = EventBus()
+    seen = events_of(bus)
+    policy = COUNT.replace(window_size=20, minimum_calls=20, failure_rate_threshold=1.0)
+    breaker = CircuitBreaker("h", policy, clock=clock, events=bus)
+    permits = [breaker.admit() for _ in range(400)]
+    barrier = threading.Barrier(8)
+
+    def worker(chunk: list[object]) -> None:
+        barrier.wait()
+        for permit in chunk:
+            breaker.record(permit, Outcome.FAILURE, 0.01)  # type: ignore[arg-type]
+
+    threads = [threading.Thread(target=worker, args=(permits[i::8],)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    opens = [e for e in seen if isinstance(e, BreakerStateChanged)]
+    assert len(opens) == 1
+    assert breaker.in_flight == 0
+    assert breaker.state is BreakerState.OPEN
+
+
+def test_threads_racing_into_half_open_get_exactly_the_probes(clock: ManualClock) -> None:
+    breaker = half_open(clock, probes=3)
+    barrier = threading.Barrier(16)
+    admitted: list[object] = []
+    rejected: list[CircuitOpenError] = []
+
+    def worker() -> None:
+        barrier.wait()
+        for _ in range(50):
+            try:
+                admitted.append(breaker.admit())
+            except CircuitOpenError as exc:
+                rejected.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(admitted) == 3
+    assert len(rejected) == 16 * 50 - 3
+    assert all(e.state is BreakerState.HALF_OPEN for e in rejected)
+
+
+# -- registry ------------------------------------------------------------------------------------
+
+
+def test_registry_shares_one_breaker_per_host(clock: ManualClock) -> None:
+    registry = BreakerRegistry(COUNT, clock=clock)
+    assert registry.get("a.test") is registry.get("a.test")
+    assert registry.get("a.test") is not registry.get("b.test")
+    assert registry.get("a.test").policy is COUNT
+    assert len(registry) == 2
+
+
+def test_registry_evicts_closed_idle_breakers_first(clock: ManualClock) -> None:
+    registry = BreakerRegistry(COUNT, clock=clock, max_breakers=3)
+    opened = registry.get("open.test")
+    fail(opened, 4)
+    busy = registry.get("busy.test")
+    busy.admit()
+    registry.get("idle.test")
+    registry.get("new.test")
+    assert "idle.test" not in registry
+    assert registry.get("open.test") is opened
+    assert registry.get("busy.test") is busy
+    assert len(registry) == 3
+    registry.get("newer.test")  # now only non-closed or busy are left besides new.test
+    assert len(registry) == 3
+    assert "open.test" in registry  # the open one holds information: it stays longest
+    assert registry.snapshot()["open.test"] is BreakerState.OPEN
+
+
+def test_registry_rejects_bad_size() -> None:
+    with pytest.raises(ValueError):
+        BreakerRegistry(max_breakers=0)
