@@ -1,0 +1,334 @@
+"""LoadShedMiddleware through httpx.ASGITransport and raw ASGI calls."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+from starlette.types import Message
+
+from seawall.asgi.shed import SHED_HEADER, LoadShedMiddleware
+from seawall.clock import ManualClock
+from seawall.events import Event, EventBus
+from seawall.policy.shed import ShedPolicy
+from seawall.shed import Shed
+
+ONE = ShedPolicy(adaptive=False, initial_limit=1, min_limit=1, max_queue_length=0)
+ONE_QUEUED = ONE.replace(max_queue_length=4)
+
+
+class GatedApp:
+    """An ASGI app that holds every request until ``gate`` is set; counts its runs."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.started = asyncio.Event()
+        self.runs: list[str] = []
+        self.bodies: list[bytes] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        self.runs.append(scope["path"])
+        self.started.set()
+        body = b""
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            body += message.get("body", b"")
+            if not message.get("more_body", False):
+                break
+        self.bodies.append(body)
+        await self.gate.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+
+def http_scope(path: str = "/v2/a/blobs/sha256:1", method: str = "GET") -> dict[str, Any]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [],
+        "client": ("127.0.0.1", 1),
+        "server": ("test", 80),
+    }
+
+
+class Client:
+    """A raw ASGI client whose messages and disconnect the test controls."""
+
+    def __init__(self, *messages: Message) -> None:
+        self.inbox: asyncio.Queue[Message] = asyncio.Queue()
+        for m in messages:
+            self.inbox.put_nowait(m)
+        self.receive_calls = 0
+        self.sent: list[Message] = []
+
+    async def receive(self) -> Message:
+        self.receive_calls += 1
+        return await self.inbox.get()
+
+    async def send(self, message: Message) -> None:
+        self.sent.append(message)
+
+    @property
+    def status(self) -> int | None:
+        for m in self.sent:
+            if m["type"] == "http.response.start":
+                return int(m["status"])
+        return None
+
+
+def body(data: bytes = b"", more: bool = False) -> Message:
+    return {"type": "http.request", "body": data, "more_body": more}
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_shed_response_is_a_503_problem_with_retry_after(clock: ManualClock) -> None:
+    inner = GatedApp()
+    bus = EventBus()
+    seen: list[Event] = []
+    bus.subscribe(seen.append)
+    app = LoadShedMiddleware(inner, ONE, clock=clock, events=bus)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        first = asyncio.ensure_future(client.get("/v2/a/blobs/sha256:1"))
+        await inner.started.wait()
+        shed = await client.get("/v2/a/blobs/sha256:2")
+        head = await client.head("/v2/a/blobs/sha256:3")
+        inner.gate.set()
+        ok = await first
+        again = await client.get("/v2/a/blobs/sha256:4")
+    assert ok.status_code == 200 and again.status_code == 200
+    assert shed.status_code == 503
+    assert shed.headers["content-type"] == "application/problem+json"
+    assert int(shed.headers["retry-after"]) >= 1
+    assert shed.headers[SHED_HEADER.decode()] == "1"
+    doc = json.loads(shed.content)
+    assert doc["status"] == 503 and doc["reason"] == "queue_full"
+    assert doc["priority"] == 30  # the blob class
+    assert head.status_code == 503 and head.content == b""
+    assert inner.runs == ["/v2/a/blobs/sha256:1", "/v2/a/blobs/sha256:4"]
+    events = [e for e in seen if isinstance(e, Shed)]
+    assert [(e.reason, e.priority) for e in events] == [("queue_full", 30)] * 2
+    assert all(e.retry_after >= 1 for e in events)
+    assert app.limiter.in_flight == 0
+
+
+async def test_disconnected_queued_client_costs_nothing(clock: ManualClock) -> None:
+    inner = GatedApp()
+    app = LoadShedMiddleware(inner, ONE_QUEUED, clock=clock)
+    a = Client(body())
+    b = Client(body())
+    run_a = asyncio.ensure_future(app(http_scope("/v2/a/blobs/1"), a.receive, a.send))
+    await inner.started.wait()
+    run_b = asyncio.ensure_future(app(http_scope("/v2/a/blobs/2"), b.receive, b.send))
+    await settle()
+    assert app.limiter.queued == 1
+    b.inbox.put_nowait({"type": "http.disconnect"})  # the client gives up while queued
+    await asyncio.wait_for(run_b, 1)
+    assert app.limiter.queued == 0
+    assert b.sent == []  # nobody to answer
+    inner.gate.set()
+    await asyncio.wait_for(run_a, 1)
+    assert inner.runs == ["/v2/a/blobs/1"]  # the app never ran for b
+    assert app.limiter.in_flight == 0
+
+
+async def test_body_read_while_queued_is_replayed_to_the_app(clock: ManualClock) -> None:
+    inner = GatedApp()
+    app = LoadShedMiddleware(inner, ONE_QUEUED, clock=clock)
+    a = Client(body())
+    b = Client(body(b"payload"))
+    run_a = asyncio.ensure_future(app(http_scope("/a"), a.receive, a.send))
+    await inner.started.wait()
+    run_b = asyncio.ensure_future(app(http_scope("/b"), b.receive, b.send))
+    await settle()
+    assert b.receive_calls == 2  # the body, then the watch for a disconnect
+    inner.gate.set()
+    await asyncio.wait_for(asyncio.gather(run_a, run_b), 1)
+    assert inner.bodies == [b"", b"payload"]
+    assert b.status == 200
+
+
+async def test_streamed_body_is_not_read_ahead_while_queued(clock: ManualClock) -> None:
+    inner = GatedApp()
+    app = LoadShedMiddleware(inner, ONE_QUEUED, clock=clock)
+    a = Client(body())
+    b = Client(body(b"part1-", more=True), body(b"part2", more=False))
+    run_a = asyncio.ensure_future(app(http_scope("/a"), a.receive, a.send))
+    await inner.started.wait()
+    run_b = asyncio.ensure_future(app(http_scope("/b", "PUT"), b.receive, b.send))
+    await settle()
+    assert b.receive_calls == 1  # more_body: the watch stops, the rest stays unread
+    inner.gate.set()
+    await asyncio.wait_for(asyncio.gather(run_a, run_b), 1)
+    assert inner.bodies == [b"", b"part1-part2"]
+
+
+async def test_cancelled_queued_request_frees_its_place(clock: ManualClock) -> None:
+    inner = GatedApp()
+    app = LoadShedMiddleware(inner, ONE_QUEUED, clock=clock)
+    a, b = Client(body()), Client(body())
+    run_a = asyncio.ensure_future(app(http_scope("/a"), a.receive, a.send))
+    await inner.started.wait()
+    run_b = asyncio.ensure_future(app(http_scope("/b"), b.receive, b.send))
+    await settle()
+    run_b.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run_b
+    assert app.limiter.queued == 0
+    inner.gate.set()
+    await run_a
+    assert app.limiter.in_flight == 0 and inner.runs == ["/a"]
+
+
+async def test_permit_is_released_once_when_the_app_raises_or_is_cancelled(
+    clock: ManualClock,
+) -> None:
+    async def boom(scope: Any, receive: Any, send: Any) -> None:
+        raise RuntimeError("app failed")
+
+    app = LoadShedMiddleware(boom, ONE, clock=clock)
+    c = Client(body())
+    with pytest.raises(RuntimeError):
+        await app(http_scope(), c.receive, c.send)
+    assert app.limiter.in_flight == 0
+
+    inner = GatedApp()
+    app2 = LoadShedMiddleware(inner, ONE, clock=clock)
+    run = asyncio.ensure_future(app2(http_scope(), c.receive, c.send))
+    await inner.started.wait()
+    assert app2.limiter.in_flight == 1
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    assert app2.limiter.in_flight == 0
+    # exactly once: a fresh request is admitted, a second one is shed
+    d = Client(body())
+    inner.gate.set()
+    await app2(http_scope(), d.receive, d.send)
+    assert d.status == 200 and app2.limiter.in_flight == 0
+
+
+async def test_non_http_scopes_pass_through(clock: ManualClock) -> None:
+    seen: list[str] = []
+
+    async def inner(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(scope["type"])
+        await send({"type": f"{scope['type']}.marker"})
+
+    app = LoadShedMiddleware(inner, ONE.replace(max_queue_length=0), clock=clock)
+    held = app.limiter.try_acquire()  # the limit is taken: http would be shed
+    assert held is not None
+    for kind in ("lifespan", "websocket"):
+        c = Client()
+        await app({"type": kind, "path": "/ws"}, c.receive, c.send)
+        assert c.sent == [{"type": f"{kind}.marker"}]
+    assert seen == ["lifespan", "websocket"]
+
+
+async def test_health_checks_are_never_shed(clock: ManualClock) -> None:
+    async def ok(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    app = LoadShedMiddleware(ok, ONE.replace(classes=ShedPolicy().classes), clock=clock)
+    app.limiter.try_acquire()
+    c, d = Client(body()), Client(body())
+    await app(http_scope("/healthz"), c.receive, c.send)
+    await app(http_scope("/v2/a/manifests/latest"), d.receive, d.send)
+    assert c.status == 200 and d.status == 503
+
+
+async def test_latency_sample_is_time_to_first_byte(clock: ManualClock) -> None:
+    async def slow_body(scope: Any, receive: Any, send: Any) -> None:
+        clock.advance(0.05)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        clock.advance(2.0)  # a big blob streamed to a slow client
+        await send({"type": "http.response.body", "body": b""})
+
+    app = LoadShedMiddleware(slow_body, ShedPolicy(window_samples=1), clock=clock)
+    c = Client(body())
+    await app(http_scope(), c.receive, c.send)
+    controller = app.limiter.controller
+    assert controller is not None and controller.baseline == pytest.approx(0.05)
+
+
+def _starlette_app() -> Starlette:
+    async def hello(request: Request) -> Response:
+        return PlainTextResponse("hello")
+
+    return Starlette(routes=[Route("/v2/{name:path}/manifests/{ref}", hello)])
+
+
+async def test_works_with_starlette_add_middleware_and_no_arguments() -> None:
+    app = _starlette_app()
+    app.add_middleware(LoadShedMiddleware)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        responses = await asyncio.gather(*(client.get("/v2/a/manifests/v1") for _ in range(20)))
+    assert [r.status_code for r in responses] == [200] * 20
+
+
+async def test_works_with_fastapi_and_sheds_there_too(clock: ManualClock) -> None:
+    gate = asyncio.Event()
+    api = FastAPI()
+
+    @api.get("/v2/{name}/blobs/{digest}")
+    async def blob(name: str, digest: str) -> dict[str, str]:
+        await gate.wait()
+        return {"digest": digest}
+
+    api.add_middleware(LoadShedMiddleware, policy=ONE, clock=clock)
+    transport = httpx.ASGITransport(app=api)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        first = asyncio.ensure_future(client.get("/v2/a/blobs/x"))
+        await settle()
+        shed = await client.get("/v2/a/blobs/y")
+        gate.set()
+        ok = await first
+    assert ok.status_code == 200 and ok.json() == {"digest": "x"}
+    assert shed.status_code == 503 and shed.headers["x-seawall-shed"] == "1"
+
+
+async def test_manifest_displaces_a_queued_blob_and_uploads_go_first(clock: ManualClock) -> None:
+    inner = GatedApp()
+    policy = ONE.replace(max_queue_length=1, classes=ShedPolicy().classes)
+    app = LoadShedMiddleware(inner, policy, clock=clock)
+    a, blob, manifest, upload = Client(body()), Client(body()), Client(body()), Client(body())
+    run_a = asyncio.ensure_future(app(http_scope("/v2/a/blobs/1"), a.receive, a.send))
+    await inner.started.wait()
+    run_blob = asyncio.ensure_future(app(http_scope("/v2/a/blobs/2"), blob.receive, blob.send))
+    await settle()
+    await app(http_scope("/v2/a/blobs/uploads/", "POST"), upload.receive, upload.send)
+    assert upload.status == 503  # the queue is full and nothing below an upload
+    run_manifest = asyncio.ensure_future(
+        app(http_scope("/v2/a/manifests/v1"), manifest.receive, manifest.send)
+    )
+    await asyncio.wait_for(run_blob, 1)
+    assert blob.status == 503
+    doc = json.loads(blob.sent[1]["body"])
+    assert doc["reason"] == "displaced" and doc["priority"] == 30
+    inner.gate.set()
+    await asyncio.wait_for(asyncio.gather(run_a, run_manifest), 1)
+    assert manifest.status == 200
+    assert inner.runs == ["/v2/a/blobs/1", "/v2/a/manifests/v1"]
