@@ -1,0 +1,576 @@
+"""httpx transports that make a client a good citizen of an overloaded registry.
+
+``httpx.AsyncClient(transport=ResilientTransport())`` wraps httpx's own transport;
+``ResilientTransport(inner, policy=...)`` wraps any other. The pipeline, outermost first:
+coalescing of identical immutable GETs -> retry (deadline, budget) -> circuit breaker ->
+rate limit / bulkhead -> per-attempt timeout -> inner transport. The first attempt takes a
+fast path; tenacity is entered only when it failed in a retryable way. Responses stay
+streaming: a successful body is never read here; a body we discard for a retry is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from typing import ClassVar
+
+import httpx
+
+from seawall.breaker import BreakerRegistry, CircuitOpenError, Outcome
+from seawall.client._pipeline import ClientCore, RateLimitWaitTooLong, is_immutable_url
+from seawall.clock import SYSTEM_CLOCK, Clock
+from seawall.events import Event, EventBus
+from seawall.policy.retry import ClientPolicy
+from seawall.retry import FINAL, RetryBudget, RetryCall, Verdict
+
+__all__ = [
+    "CircuitOpenTransportError",
+    "RequestCoalesced",
+    "ResilientSyncTransport",
+    "ResilientTransport",
+]
+
+# Errors after which the same idempotent request may well succeed on another attempt.
+# PoolTimeout is local (our own pool or bulkhead is full): retrying adds load, not luck.
+_RETRYABLE_ERRORS: tuple[type[BaseException], ...] = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.ReadTimeout,
+    httpx.WriteTimeout,
+    httpx.ReadError,
+    httpx.WriteError,
+    httpx.RemoteProtocolError,
+)
+_LOCAL_ERRORS: tuple[type[BaseException], ...] = (httpx.PoolTimeout, RateLimitWaitTooLong)
+
+
+class CircuitOpenTransportError(httpx.TransportError, CircuitOpenError):
+    """The host's breaker is open: an ``httpx.TransportError`` (what httpx users catch)
+    that is also seawall's :class:`~seawall.breaker.CircuitOpenError` (host, retry_in)."""
+
+    def __init__(self, cause: CircuitOpenError, request: httpx.Request) -> None:
+        Exception.__init__(self, str(cause))  # httpx's __init__ chain would reach cause's
+        self._request = request
+        self.__dict__.update(vars(cause))  # name, retry_at, retry_in, state, reopen_time
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RequestCoalesced(Event):
+    """``followers`` concurrent identical GETs shared one upstream fetch."""
+
+    name: ClassVar[str] = "client.coalesced"
+    host: str
+    followers: int
+
+
+def _host(request: httpx.Request) -> str:
+    return request.url.netloc.decode("ascii", "replace")
+
+
+def _judge_exception(exc: BaseException) -> Verdict:
+    if isinstance(exc, _RETRYABLE_ERRORS):
+        return Verdict(True, type(exc).__name__)
+    return FINAL
+
+
+def _breaker_outcome(core: ClientCore, exc: BaseException) -> Outcome:
+    if isinstance(exc, _LOCAL_ERRORS) or not isinstance(exc, Exception):
+        return Outcome.NEUTRAL
+    if isinstance(exc, httpx.TimeoutException | httpx.NetworkError | httpx.RemoteProtocolError):
+        return Outcome.FAILURE
+    return core.breaker_outcome_exception(exc)
+
+
+def _replayable(request: httpx.Request) -> bool:
+    return isinstance(request.stream, httpx.ByteStream)
+
+
+class _Base:
+    __slots__ = ("_core", "_groups")
+
+    def __init__(
+        self,
+        policy: ClientPolicy | None,
+        clock: Clock,
+        events: EventBus | None,
+        breakers: BreakerRegistry | None,
+        budgets: RetryBudget | None,
+    ) -> None:
+        self._core = ClientCore(
+            policy, clock=clock, events=events, breakers=breakers, budgets=budgets
+        )
+
+    @property
+    def policy(self) -> ClientPolicy:
+        return self._core.policy
+
+    @property
+    def breakers(self) -> BreakerRegistry | None:
+        return self._core.breakers
+
+    @property
+    def budgets(self) -> RetryBudget:
+        return self._core.budget
+
+    def _may_retry(self, request: httpx.Request, replayable: bool) -> bool:
+        """Safe method (or idempotency key / opt-in) and a body that can be sent again
+        (judged before the first attempt: a transport may buffer a streamed body)."""
+        return replayable and self._core.may_retry(request.method, request.headers)
+
+    def _judge_response(self, response: httpx.Response) -> Verdict:
+        status = response.status_code
+        if status not in self._core.policy.retry.retry_statuses:
+            return FINAL  # the common case: no header lookup
+        return self._core.judge_status(status, response.headers.get("retry-after"))
+
+    def _retry_call(self, host: str, deadline_at: float) -> RetryCall[httpx.Response]:
+        c = self._core
+        return RetryCall(
+            host=host,
+            policy=c.policy.retry,
+            deadline_at=deadline_at,
+            budget=c.budget,
+            judge_result=self._judge_response,
+            judge_exception=_judge_exception,
+            clock=c.clock,
+            events=c.bus,
+        )
+
+
+# --------------------------------------------------------------------------- async
+
+
+class ResilientTransport(_Base, httpx.AsyncBaseTransport):
+    """Async transport: budgeted retries, per-host breaker, limits, coalescing."""
+
+    __slots__ = ("_inner",)
+
+    def __init__(
+        self,
+        inner: httpx.AsyncBaseTransport | None = None,
+        policy: ClientPolicy | None = None,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        events: EventBus | None = None,
+        breakers: BreakerRegistry | None = None,
+        budgets: RetryBudget | None = None,
+    ) -> None:
+        super().__init__(policy, clock, events, breakers, budgets)
+        self._inner = inner if inner is not None else httpx.AsyncHTTPTransport()
+        self._groups: dict[tuple[str, ...], _Group] = {}
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if (
+            request.method == "GET"
+            and self._core.policy.coalesce
+            and is_immutable_url(request.url.raw_path)
+        ):
+            return await self._coalesced(request)
+        return await self._send(request)
+
+    async def _send(self, request: httpx.Request) -> httpx.Response:
+        core = self._core
+        host = _host(request)
+        deadline_at = core.start(host)
+        replayable = _replayable(request)
+        first: httpx.Response | BaseException
+        try:
+            first = await self._attempt(request, host, deadline_at)
+        except Exception as exc:  # CancelledError is a BaseException: it propagates at once
+            if not _judge_exception(exc).retryable or not self._may_retry(request, replayable):
+                raise
+            first = exc
+        else:
+            if not self._judge_response(first).retryable or not self._may_retry(
+                request, replayable
+            ):
+                return first  # the fast path: no tenacity on success
+        return await self._retry_call(host, deadline_at).resume(
+            first, lambda: self._attempt(request, host, deadline_at), _aclose
+        )
+
+    async def _attempt(
+        self, request: httpx.Request, host: str, deadline_at: float
+    ) -> httpx.Response:
+        core = self._core
+        breaker = core.breaker(host)
+        permit = None
+        if breaker is not None:
+            try:
+                permit = breaker.admit()
+            except CircuitOpenError as exc:
+                raise CircuitOpenTransportError(exc, request) from exc
+        clock = core.clock
+        started = clock.now()
+        slot = core.async_slot(host)
+        acquired = False
+        try:
+            wait = core.pace(host, deadline_at)
+            if wait > 0:
+                await clock.sleep(wait)
+            timeout = core.attempt_timeout(deadline_at)
+            if slot is not None:
+                try:
+                    async with asyncio.timeout(timeout):
+                        await slot.acquire()
+                except TimeoutError:
+                    raise httpx.PoolTimeout(
+                        f"no free slot for {host} (max_concurrency) within {timeout:.3f}s",
+                        request=request,
+                    ) from None
+                acquired = True
+            try:
+                async with asyncio.timeout(timeout):
+                    response = await self._inner.handle_async_request(request)
+            except TimeoutError:
+                raise httpx.ReadTimeout(
+                    f"no response from {host} within the attempt timeout of {timeout:.3f}s",
+                    request=request,
+                ) from None
+        except BaseException as exc:
+            if acquired and slot is not None:
+                slot.release()
+            if permit is not None and breaker is not None:
+                breaker.record(permit, _breaker_outcome(core, exc), clock.now() - started)
+            raise
+        if permit is not None and breaker is not None:
+            breaker.record(
+                permit, core.breaker_outcome_status(response.status_code), clock.now() - started
+            )
+        if acquired and slot is not None:
+            if response.is_closed:  # the body is already in memory (a prebuilt response)
+                slot.release()
+            else:
+                response.stream = _ReleasingAsyncStream(response.stream, slot.release)  # type: ignore[arg-type]
+        return response
+
+    # ---- coalescing
+
+    async def _coalesced(self, request: httpx.Request) -> httpx.Response:
+        h = request.headers
+        key = (
+            str(request.url),
+            h.get("authorization", ""),
+            h.get("cookie", ""),
+            h.get("accept", ""),
+            h.get("range", ""),
+        )
+        while True:
+            group = self._groups.get(key)
+            if group is None:
+                return await self._lead(key, request)
+            index = group.join()
+            try:
+                tee = await asyncio.shield(group.future)
+            except _LeaderGone:
+                continue  # the leader was cancelled: try again, maybe as the leader
+            except asyncio.CancelledError:
+                await group.leave(index)
+                raise
+            head = group.head
+            assert head is not None
+            return _copy(head, tee.reader(index), request)
+
+    async def _lead(self, key: tuple[str, ...], request: httpx.Request) -> httpx.Response:
+        loop = asyncio.get_running_loop()
+        group = _Group(loop.create_future())
+        self._groups[key] = group
+        try:
+            response = await self._send(request)
+        except asyncio.CancelledError:
+            self._groups.pop(key, None)
+            group.future.set_exception(_LeaderGone())
+            raise
+        except BaseException as exc:
+            self._groups.pop(key, None)
+            group.future.set_exception(exc)
+            raise
+        self._groups.pop(key, None)
+        followers = group.joined
+        if followers == 0:
+            group.future.set_exception(_LeaderGone())  # nobody is waiting; never retrieved
+            return response
+        tee = _Tee(response.stream, followers + 1, group.gone)  # type: ignore[arg-type]
+        group.head = response
+        group.future.set_result(tee)
+        bus = self._core.bus
+        if bus.active:
+            bus.emit(
+                RequestCoalesced(
+                    at=self._core.clock.now(), host=_host(request), followers=followers
+                )
+            )
+        return _copy(response, tee.reader(0), request)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class _LeaderGone(Exception):
+    """The leading request was cancelled (or nobody waited): followers try again."""
+
+
+class _Group:
+    """One in-flight coalesced fetch and who waits for it."""
+
+    __slots__ = ("future", "gone", "head", "joined")
+
+    def __init__(self, future: asyncio.Future[_Tee]) -> None:
+        self.future = future
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())  # mark retrieved
+        self.joined = 0
+        self.gone: set[int] = set()
+        self.head: httpx.Response | None = None
+
+    def join(self) -> int:
+        self.joined += 1
+        return self.joined
+
+    async def leave(self, index: int) -> None:
+        f = self.future
+        if f.done() and not f.cancelled() and f.exception() is None:
+            await f.result().reader(index).aclose()
+        else:
+            self.gone.add(index)
+
+
+def _copy(
+    head: httpx.Response, stream: httpx.AsyncByteStream, request: httpx.Request
+) -> httpx.Response:
+    return httpx.Response(
+        head.status_code,
+        headers=head.headers,
+        stream=stream,
+        request=request,
+        extensions={
+            k: v for k, v in head.extensions.items() if k in ("http_version", "reason_phrase")
+        },
+    )
+
+
+class _Tee:
+    """Fan one response body out to ``n`` readers without reading it whole.
+
+    Chunks are pulled from the upstream on demand by whichever reader is ahead, kept until
+    every open reader has passed them, then dropped: memory is bounded by the distance
+    between the fastest and the slowest reader (documented in docs/client.md).
+    """
+
+    __slots__ = ("_base", "_chunks", "_done", "_error", "_it", "_lock", "_pos", "_source")
+
+    def __init__(self, source: httpx.AsyncByteStream, n: int, gone: set[int]) -> None:
+        self._source = source
+        self._it: AsyncIterator[bytes] = source.__aiter__()
+        self._chunks: list[bytes] = []
+        self._base = 0
+        self._done = False
+        self._error: BaseException | None = None
+        self._lock = asyncio.Lock()
+        self._pos: dict[int, int] = {i: 0 for i in range(n) if i not in gone}
+
+    def reader(self, index: int) -> _TeeReader:
+        return _TeeReader(self, index)
+
+    async def _next(self, index: int) -> bytes | None:
+        while True:
+            pos = self._pos.get(index)
+            if pos is None:
+                return None
+            i = pos - self._base
+            if i < len(self._chunks):
+                chunk = self._chunks[i]
+                self._pos[index] = pos + 1
+                self._trim()
+                return chunk
+            if self._error is not None:
+                raise self._error
+            if self._done:
+                return None
+            async with self._lock:
+                if pos - self._base < len(self._chunks) or self._done or self._error:
+                    continue
+                try:
+                    self._chunks.append(await self._it.__anext__())
+                except StopAsyncIteration:
+                    self._done = True
+                except Exception as exc:
+                    self._error = exc
+
+    def _trim(self) -> None:
+        low = min(self._pos.values(), default=self._base + len(self._chunks))
+        drop = low - self._base
+        if drop > 0:
+            del self._chunks[:drop]
+            self._base = low
+
+    async def close(self, index: int) -> None:
+        if self._pos.pop(index, None) is None:
+            return
+        self._trim()
+        if not self._pos:
+            self._chunks.clear()
+            await self._source.aclose()
+
+
+class _TeeReader(httpx.AsyncByteStream):
+    __slots__ = ("_index", "_tee")
+
+    def __init__(self, tee: _Tee, index: int) -> None:
+        self._tee = tee
+        self._index = index
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while (chunk := await self._tee._next(self._index)) is not None:
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._tee.close(self._index)
+
+
+class _ReleasingAsyncStream(httpx.AsyncByteStream):
+    """Hold the bulkhead slot until the body is closed, not just until the headers."""
+
+    __slots__ = ("_inner", "_release")
+
+    def __init__(self, inner: httpx.AsyncByteStream, release: Callable[[], None]) -> None:
+        self._inner = inner
+        self._release: Callable[[], None] | None = release
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._inner:
+            yield chunk
+
+    async def aclose(self) -> None:
+        try:
+            await self._inner.aclose()
+        finally:
+            release, self._release = self._release, None
+            if release is not None:
+                release()
+
+
+async def _aclose(response: httpx.Response) -> None:
+    await response.aclose()
+
+
+# --------------------------------------------------------------------------- sync
+
+
+class ResilientSyncTransport(_Base, httpx.BaseTransport):
+    """Sync transport: the same pipeline for ``httpx.Client`` (no coalescing)."""
+
+    __slots__ = ("_inner",)
+
+    def __init__(
+        self,
+        inner: httpx.BaseTransport | None = None,
+        policy: ClientPolicy | None = None,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        events: EventBus | None = None,
+        breakers: BreakerRegistry | None = None,
+        budgets: RetryBudget | None = None,
+    ) -> None:
+        super().__init__(policy, clock, events, breakers, budgets)
+        self._inner = inner if inner is not None else httpx.HTTPTransport()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        core = self._core
+        host = _host(request)
+        deadline_at = core.start(host)
+        replayable = _replayable(request)
+        first: httpx.Response | BaseException
+        try:
+            first = self._attempt(request, host, deadline_at)
+        except Exception as exc:
+            if not _judge_exception(exc).retryable or not self._may_retry(request, replayable):
+                raise
+            first = exc
+        else:
+            if not self._judge_response(first).retryable or not self._may_retry(
+                request, replayable
+            ):
+                return first
+        return self._retry_call(host, deadline_at).resume_sync(
+            first, lambda: self._attempt(request, host, deadline_at), httpx.Response.close
+        )
+
+    def _attempt(self, request: httpx.Request, host: str, deadline_at: float) -> httpx.Response:
+        core = self._core
+        breaker = core.breaker(host)
+        permit = None
+        if breaker is not None:
+            try:
+                permit = breaker.admit()
+            except CircuitOpenError as exc:
+                raise CircuitOpenTransportError(exc, request) from exc
+        clock = core.clock
+        started = clock.now()
+        slot = core.sync_slot(host)
+        acquired = False
+        try:
+            wait = core.pace(host, deadline_at)
+            if wait > 0:
+                clock.sleep_sync(wait)
+            timeout = core.attempt_timeout(deadline_at)
+            if slot is not None:
+                if not slot.acquire(timeout=timeout):
+                    raise httpx.PoolTimeout(
+                        f"no free slot for {host} (max_concurrency) within {timeout:.3f}s",
+                        request=request,
+                    )
+                acquired = True
+            _cap_timeouts(request, timeout)
+            response = self._inner.handle_request(request)
+        except BaseException as exc:
+            if acquired and slot is not None:
+                slot.release()
+            if permit is not None and breaker is not None:
+                breaker.record(permit, _breaker_outcome(core, exc), clock.now() - started)
+            raise
+        if permit is not None and breaker is not None:
+            breaker.record(
+                permit, core.breaker_outcome_status(response.status_code), clock.now() - started
+            )
+        if acquired and slot is not None:
+            if response.is_closed:
+                slot.release()
+            else:
+                response.stream = _ReleasingSyncStream(response.stream, slot.release)  # type: ignore[arg-type]
+        return response
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+def _cap_timeouts(request: httpx.Request, timeout: float | None) -> None:
+    """A sync attempt cannot be cancelled from outside: cap httpx's own timeouts instead."""
+    if timeout is None:
+        return
+    current = request.extensions.get("timeout") or {}
+    capped = {}
+    for k in ("connect", "read", "write", "pool"):
+        v = current.get(k)
+        capped[k] = timeout if v is None or not math.isfinite(v) else min(v, timeout)
+    request.extensions["timeout"] = capped
+
+
+class _ReleasingSyncStream(httpx.SyncByteStream):
+    __slots__ = ("_inner", "_release")
+
+    def __init__(self, inner: httpx.SyncByteStream, release: Callable[[], None]) -> None:
+        self._inner = inner
+        self._release: Callable[[], None] | None = release
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self._inner
+
+    def close(self) -> None:
+        try:
+            self._inner.close()
+        finally:
+            release, self._release = self._release, None
+            if release is not None:
+                release()

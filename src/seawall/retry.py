@@ -1,0 +1,610 @@
+"""Budgeted, deadline-bound retries: sans-IO pieces shared by every client face.
+
+The faces (httpx async/sync transports, the requests adapter, the call wrapper) run the
+first attempt themselves (the fast path) and only on a retryable failure hand the call to
+tenacity's ``AsyncRetrying`` / ``Retrying`` configured with the strategies below. Time comes
+from the injected :class:`~seawall.clock.Clock` (tenacity's own ``stop_after_delay`` reads
+``time.monotonic``, so the deadline stop here reads our clock instead).
+
+What bounds retry amplification is :class:`RetryBudget`: per upstream host, retries may add
+at most ``ratio`` x first attempts over a sliding window (or a small minimum rate, so a
+quiet client can still retry once in a while). When it is spent the call fails at once with
+the upstream's own last answer.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import math
+import random
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Generic, TypeVar
+
+import tenacity
+from tenacity import RetryCallState
+from tenacity.retry import retry_base
+from tenacity.stop import stop_base
+from tenacity.wait import wait_base
+
+from seawall.clock import SYSTEM_CLOCK, Clock
+from seawall.events import DEFAULT_BUS, Event, EventBus
+from seawall.policy.retry import RetryPolicy
+
+__all__ = [
+    "FINAL",
+    "MAX_RETRY_AFTER",
+    "RetriesExhausted",
+    "RetryAfterHonoured",
+    "RetryBudget",
+    "RetryBudgetExhausted",
+    "RetryCall",
+    "RetryScheduled",
+    "StopAtDeadline",
+    "StopWhenBudgetSpent",
+    "Verdict",
+    "WaitRetryAfterOrBackoff",
+    "full_jitter_backoff",
+    "parse_retry_after",
+    "retry_if_retryable",
+]
+
+T = TypeVar("T")
+
+MAX_RETRY_AFTER = 86_400.0
+"""Longest Retry-After we believe (one day); larger values are clamped to it."""
+
+
+# --------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryScheduled(Event):
+    """A retry will be sent after ``wait`` seconds (``attempt`` is the one that failed)."""
+
+    name: ClassVar[str] = "retry.scheduled"
+    host: str
+    attempt: int
+    wait: float
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryAfterHonoured(Event):
+    """The server's Retry-After made the wait longer than our own backoff."""
+
+    name: ClassVar[str] = "retry.retry_after_honoured"
+    host: str
+    retry_after: float
+    wait: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryBudgetExhausted(Event):
+    """A retry was refused because the host's retry budget is spent; the call fails now."""
+
+    name: ClassVar[str] = "retry.budget_exhausted"
+    host: str
+    attempt: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetriesExhausted(Event):
+    """A call gave up: ``why`` is ``attempts``, ``deadline`` or ``budget``."""
+
+    name: ClassVar[str] = "retry.exhausted"
+    host: str
+    attempts: int
+    why: str
+    reason: str
+
+
+# --------------------------------------------------------------------------- Retry-After
+
+_DELTA = re.compile(r"-?[0-9]+(?:\.[0-9]+)?")
+
+
+def parse_retry_after(value: str | bytes | None, now_wall: float) -> float | None:
+    """Seconds to wait from a ``Retry-After`` value, or None when it is absent or malformed.
+
+    Accepts delta-seconds (and, leniently, a decimal or negative number) and an HTTP-date
+    (compared with ``now_wall``, Unix seconds). Never raises: a server bug must not turn a
+    503 into a crash. The result is clamped to ``[0, MAX_RETRY_AFTER]``.
+    """
+    try:
+        if value is None:
+            return None
+        if isinstance(value, bytes | bytearray):
+            value = bytes(value).decode("latin-1")
+        if not isinstance(value, str):
+            return None
+        text = value.strip()
+        if not text or len(text) > 64:
+            return None
+        if _DELTA.fullmatch(text):
+            seconds = float(text)
+        else:
+            when = email.utils.parsedate_to_datetime(text)
+            if when.tzinfo is None:  # RFC 9110 dates are GMT; obsolete forms may lack a zone
+                from datetime import UTC
+
+                when = when.replace(tzinfo=UTC)
+            seconds = when.timestamp() - float(now_wall)
+        if not math.isfinite(seconds):
+            return None
+        return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+    except Exception:
+        return None
+
+
+# --------------------------------------------------------------------------- backoff
+
+
+def full_jitter_backoff(
+    retry_number: int, base: float, cap: float, rng: Callable[[], float] = random.random
+) -> float:
+    """Wait before retry number ``retry_number`` (1 = first retry): uniform in [0, ceiling].
+
+    Full jitter (AWS architecture blog, "Exponential Backoff and Jitter") spreads clients
+    that failed together, which equal or "decorrelated" waits do less well.
+    """
+    exponent = min(max(retry_number - 1, 0), 62)
+    ceiling = min(cap, base * (2.0**exponent))
+    return ceiling * rng()
+
+
+# --------------------------------------------------------------------------- budget
+
+
+class _Window:
+    """Counts of first attempts and retries in ``n`` buckets covering one window."""
+
+    __slots__ = ("epoch", "firsts", "retries", "slot_firsts", "slot_retries")
+
+    def __init__(self, n: int, epoch: int) -> None:
+        self.epoch = epoch
+        self.firsts = 0
+        self.retries = 0
+        self.slot_firsts = [0] * n
+        self.slot_retries = [0] * n
+
+    def roll(self, epoch: int) -> None:
+        n = len(self.slot_firsts)
+        if epoch <= self.epoch:
+            return
+        if epoch - self.epoch >= n:
+            self.slot_firsts = [0] * n
+            self.slot_retries = [0] * n
+            self.firsts = self.retries = 0
+        else:
+            for e in range(self.epoch + 1, epoch + 1):
+                i = e % n
+                self.firsts -= self.slot_firsts[i]
+                self.retries -= self.slot_retries[i]
+                self.slot_firsts[i] = 0
+                self.slot_retries[i] = 0
+        self.epoch = epoch
+
+
+class RetryBudget:
+    """Per-host allowance of retries: ``max(ratio x first attempts, min_rate x window)``.
+
+    A token-bucket-free sliding window (``buckets`` slices of ``window`` seconds). The
+    larger-of rule (not a sum) keeps the amplification bound exact, ``1 + ratio``, as soon
+    as a host sees more than ``min_rate / ratio`` first attempts per second, while a quiet
+    client still gets ``min_rate x window`` retries per window. Thread-safe (one lock, held
+    for a few dictionary operations); at most ``max_hosts`` hosts are tracked (least
+    recently used forgotten), so a crawler of many hosts cannot grow it without bound.
+    """
+
+    __slots__ = (
+        "_clock",
+        "_hosts",
+        "_lock",
+        "_max_hosts",
+        "_min",
+        "_n",
+        "_ratio",
+        "_width",
+        "window",
+    )
+
+    def __init__(
+        self,
+        ratio: float = 0.1,
+        min_retries_per_second: float = 0.5,
+        window: float = 10.0,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        buckets: int = 10,
+        max_hosts: int = 1024,
+    ) -> None:
+        if not (0 <= ratio <= 1) or min_retries_per_second < 0 or window <= 0 or buckets < 1:
+            raise ValueError("ratio in [0, 1], min rate >= 0, window > 0, buckets >= 1")
+        self._ratio = float(ratio)
+        self._min = float(min_retries_per_second) * float(window)
+        self.window = float(window)
+        self._n = int(buckets)
+        self._width = self.window / self._n
+        self._clock = clock
+        self._max_hosts = int(max_hosts)
+        self._hosts: OrderedDict[str, _Window] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_policy(
+        cls, policy: RetryPolicy, *, clock: Clock = SYSTEM_CLOCK, max_hosts: int = 1024
+    ) -> RetryBudget:
+        return cls(
+            policy.budget_ratio,
+            policy.budget_min_retries_per_second,
+            policy.budget_window,
+            clock=clock,
+            max_hosts=max_hosts,
+        )
+
+    def _window(self, host: str) -> _Window:
+        epoch = int(self._clock.now() // self._width)
+        w = self._hosts.get(host)
+        if w is None:
+            w = self._hosts[host] = _Window(self._n, epoch)
+            if len(self._hosts) > self._max_hosts:
+                self._hosts.popitem(last=False)
+        else:
+            self._hosts.move_to_end(host)
+            w.roll(epoch)
+        return w
+
+    def record_attempt(self, host: str) -> None:
+        """Count one first attempt (every logical call counts once)."""
+        with self._lock:
+            w = self._window(host)
+            w.firsts += 1
+            w.slot_firsts[w.epoch % self._n] += 1
+
+    def try_spend(self, host: str) -> bool:
+        """Take one retry from the host's allowance; False (and nothing taken) when spent."""
+        with self._lock:
+            w = self._window(host)
+            if w.retries + 1 > max(self._ratio * w.firsts, self._min):
+                return False
+            w.retries += 1
+            w.slot_retries[w.epoch % self._n] += 1
+            return True
+
+    def available(self, host: str) -> float:
+        """Retries the host could still take now (for tests and dashboards)."""
+        with self._lock:
+            w = self._window(host)
+            return max(0.0, max(self._ratio * w.firsts, self._min) - w.retries)
+
+    def __len__(self) -> int:
+        return len(self._hosts)
+
+
+# --------------------------------------------------------------------------- tenacity strategies
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """How a face judges one attempt's outcome: retry it or not, and why."""
+
+    retryable: bool
+    reason: str = ""
+    retry_after: float | None = None
+
+
+FINAL = Verdict(False)
+
+
+class RetryCall(Generic[T]):
+    """The state of one logical call shared by the tenacity strategies below.
+
+    Built by a face for each call that failed its first attempt. ``judge_result`` and
+    ``judge_exception`` are the face's classification; ``discard`` releases a result
+    that is being retried (closes an unread response body).
+    """
+
+    __slots__ = (
+        "budget",
+        "bus",
+        "clock",
+        "deadline_at",
+        "honoured",
+        "host",
+        "judge_exception",
+        "judge_result",
+        "last",
+        "policy",
+        "rng",
+        "stopped_by",
+    )
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        policy: RetryPolicy,
+        deadline_at: float,
+        budget: RetryBudget | None,
+        judge_result: Callable[[T], Verdict],
+        judge_exception: Callable[[BaseException], Verdict],
+        clock: Clock = SYSTEM_CLOCK,
+        events: EventBus | None = None,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self.host = host
+        self.policy = policy
+        self.deadline_at = deadline_at
+        self.budget = budget
+        self.judge_result = judge_result
+        self.judge_exception = judge_exception
+        self.clock = clock
+        self.bus = events if events is not None else DEFAULT_BUS
+        self.rng = rng
+        self.last: Verdict = FINAL
+        self.stopped_by = ""
+        self.honoured: float | None = None
+
+    def judge(self, rs: RetryCallState) -> Verdict:
+        outcome = rs.outcome
+        if outcome is None:
+            return FINAL
+        if outcome.failed:
+            exc = outcome.exception()
+            # Cancellation (and KeyboardInterrupt, SystemExit) is never retried.
+            if exc is None or not isinstance(exc, Exception):
+                return FINAL
+            return self.judge_exception(exc)
+        return self.judge_result(outcome.result())
+
+    # ---- the strategies (tenacity objects, composable with | and &)
+
+    def retry_strategy(self) -> retry_base:
+        return _RetryIfRetryable(self)
+
+    def stop_strategy(self) -> stop_base:
+        return _StopAfterAttempts(self) | StopAtDeadline(self) | StopWhenBudgetSpent(self)
+
+    def wait_strategy(self) -> wait_base:
+        return WaitRetryAfterOrBackoff(self)
+
+    def _before_sleep(self, rs: RetryCallState) -> None:
+        if self.bus.active:
+            if self.honoured is not None:  # emitted only once the retry is really scheduled
+                self.bus.emit(
+                    RetryAfterHonoured(
+                        at=self.clock.now(),
+                        host=self.host,
+                        retry_after=self.honoured,
+                        wait=rs.upcoming_sleep,
+                    )
+                )
+            self.bus.emit(
+                RetryScheduled(
+                    at=self.clock.now(),
+                    host=self.host,
+                    attempt=rs.attempt_number,
+                    wait=rs.upcoming_sleep,
+                    reason=self.last.reason,
+                )
+            )
+
+    def _give_up(self, rs: RetryCallState) -> Any:
+        if self.bus.active:
+            self.bus.emit(
+                RetriesExhausted(
+                    at=self.clock.now(),
+                    host=self.host,
+                    attempts=rs.attempt_number,
+                    why=self.stopped_by or "attempts",
+                    reason=self.last.reason,
+                )
+            )
+        assert rs.outcome is not None
+        return rs.outcome.result()  # the upstream's own last answer or error
+
+    # ---- runners
+
+    def retrying(
+        self, discard: Callable[[T], Awaitable[None]] | None = None
+    ) -> tenacity.AsyncRetrying:
+        async def before_sleep(rs: RetryCallState) -> None:
+            self._before_sleep(rs)
+            if discard is not None and rs.outcome is not None and not rs.outcome.failed:
+                await discard(rs.outcome.result())
+
+        return tenacity.AsyncRetrying(
+            sleep=self.clock.sleep,
+            stop=self.stop_strategy(),
+            wait=self.wait_strategy(),
+            retry=self.retry_strategy(),
+            before_sleep=before_sleep,
+            retry_error_callback=self._give_up,
+        )
+
+    def retrying_sync(self, discard: Callable[[T], None] | None = None) -> tenacity.Retrying:
+        def before_sleep(rs: RetryCallState) -> None:
+            self._before_sleep(rs)
+            if discard is not None and rs.outcome is not None and not rs.outcome.failed:
+                discard(rs.outcome.result())
+
+        return tenacity.Retrying(
+            sleep=self.clock.sleep_sync,
+            stop=self.stop_strategy(),
+            wait=self.wait_strategy(),
+            retry=self.retry_strategy(),
+            before_sleep=before_sleep,
+            retry_error_callback=self._give_up,
+        )
+
+    def _may_start(self, first: T | BaseException) -> bool:
+        """Skip building tenacity when no retry is possible (one attempt, or an empty
+        budget: the common case in an outage, where CPU matters too)."""
+        why = ""
+        if self.policy.attempts <= 1:
+            why = "attempts"
+        elif self.budget is not None and self.budget.available(self.host) < 1:
+            why = "budget"
+        if not why:
+            return True
+        self.stopped_by = why
+        if self.bus.active:
+            self.last = (
+                self.judge_exception(first)
+                if isinstance(first, BaseException)
+                else self.judge_result(first)
+            )
+            now = self.clock.now()
+            if why == "budget":
+                self.bus.emit(
+                    RetryBudgetExhausted(at=now, host=self.host, attempt=1, reason=self.last.reason)
+                )
+            self.bus.emit(
+                RetriesExhausted(
+                    at=now, host=self.host, attempts=1, why=why, reason=self.last.reason
+                )
+            )
+        return False
+
+    @staticmethod
+    def _final(first: T | BaseException) -> T:
+        if isinstance(first, BaseException):
+            raise first
+        return first
+
+    async def resume(
+        self,
+        first: T | BaseException,
+        attempt: Callable[[], Awaitable[T]],
+        discard: Callable[[T], Awaitable[None]] | None = None,
+    ) -> T:
+        """Continue a call whose first attempt (already made, fast path) gave ``first``."""
+        if not self._may_start(first):
+            return self._final(first)
+        replay: list[T | BaseException] = [first]
+
+        async def call() -> T:
+            if replay:
+                got = replay.pop()
+                if isinstance(got, BaseException):
+                    raise got
+                return got
+            return await attempt()
+
+        result: T = await self.retrying(discard)(call)
+        return result
+
+    def resume_sync(
+        self,
+        first: T | BaseException,
+        attempt: Callable[[], T],
+        discard: Callable[[T], None] | None = None,
+    ) -> T:
+        """Synchronous :meth:`resume`."""
+        if not self._may_start(first):
+            return self._final(first)
+        replay: list[T | BaseException] = [first]
+
+        def call() -> T:
+            if replay:
+                got = replay.pop()
+                if isinstance(got, BaseException):
+                    raise got
+                return got
+            return attempt()
+
+        result: T = self.retrying_sync(discard)(call)
+        return result
+
+
+class _RetryIfRetryable(retry_base):
+    """Retry when the face judges the outcome retryable; never on cancellation."""
+
+    def __init__(self, call: RetryCall[Any]) -> None:
+        self.call = call
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        verdict = self.call.judge(retry_state)
+        self.call.last = verdict
+        return verdict.retryable
+
+
+def retry_if_retryable(call: RetryCall[Any]) -> retry_base:
+    """The retry predicate of ``call`` as a tenacity object (composable with ``&``)."""
+    return _RetryIfRetryable(call)
+
+
+class _StopAfterAttempts(stop_base):
+    def __init__(self, call: RetryCall[Any]) -> None:
+        self.call = call
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        if retry_state.attempt_number >= self.call.policy.attempts:
+            self.call.stopped_by = "attempts"
+            return True
+        return False
+
+
+class StopAtDeadline(stop_base):
+    """Stop when the next attempt could not start before the call's deadline (our clock)."""
+
+    def __init__(self, call: RetryCall[Any]) -> None:
+        self.call = call
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        c = self.call
+        if c.clock.now() + retry_state.upcoming_sleep >= c.deadline_at:
+            c.stopped_by = "deadline"
+            return True
+        return False
+
+
+class StopWhenBudgetSpent(stop_base):
+    """Spend one retry from the host's budget, or stop. Listed last in the stop so a retry
+    that another stop would refuse does not spend budget."""
+
+    def __init__(self, call: RetryCall[Any]) -> None:
+        self.call = call
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        c = self.call
+        if c.budget is None or c.budget.try_spend(c.host):
+            return False
+        c.stopped_by = "budget"
+        if c.bus.active:
+            c.bus.emit(
+                RetryBudgetExhausted(
+                    at=c.clock.now(),
+                    host=c.host,
+                    attempt=retry_state.attempt_number,
+                    reason=c.last.reason,
+                )
+            )
+        return True
+
+
+class WaitRetryAfterOrBackoff(wait_base):
+    """``max(Retry-After, full-jitter backoff)``, capped by the time left to the deadline."""
+
+    def __init__(self, call: RetryCall[Any]) -> None:
+        self.call = call
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        c = self.call
+        p = c.policy
+        backoff = full_jitter_backoff(
+            retry_state.attempt_number, p.backoff_base, p.backoff_cap, c.rng
+        )
+        wait = backoff
+        retry_after = c.last.retry_after if p.honor_retry_after else None
+        if retry_after is not None and retry_after > backoff:
+            wait = retry_after
+        remaining = max(0.0, c.deadline_at - c.clock.now())
+        wait = min(wait, remaining)
+        c.honoured = retry_after if retry_after is not None and wait == retry_after else None
+        return wait

@@ -1,0 +1,335 @@
+"""Retry budget, full-jitter backoff, Retry-After parsing and the retry policy."""
+
+from __future__ import annotations
+
+import email.utils
+import threading
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from seawall.clock import ManualClock
+from seawall.errors import PolicyError
+from seawall.policy.retry import ClientPolicy, RetryPolicy
+from seawall.retry import MAX_RETRY_AFTER, RetryBudget, full_jitter_backoff, parse_retry_after
+
+WALL = 1_700_000_000.0
+
+# ---------------------------------------------------------------- Retry-After
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("5", 5.0),
+        ("  7 ", 7.0),
+        (b"12", 12.0),
+        ("0", 0.0),
+        ("1.5", 1.5),
+        ("-3", 0.0),  # negative: clamped, not trusted
+        ("99999999999", MAX_RETRY_AFTER),  # huge: clamped
+        ("", None),
+        ("soon", None),
+        ("5 seconds", None),
+        ("1e9", None),
+        ("nan", None),
+        ("inf", None),
+        (None, None),
+        ("9" * 5000, None),  # longer than any real value; no int-parsing blow-up
+        ("Fri, 31 Dec 9999 23:59:59 GMT", MAX_RETRY_AFTER),
+        ("Thu, 01 Jan 1970 00:00:00 GMT", 0.0),  # in the past
+        ("Mon, 32 Foo 2023 99:99:99 GMT", None),
+    ],
+)
+def test_parse_retry_after_forms(value: str | bytes | None, expected: float | None) -> None:
+    assert parse_retry_after(value, WALL) == expected
+
+
+def test_parse_retry_after_http_date_is_relative_to_the_wall_clock() -> None:
+    date = email.utils.formatdate(WALL + 42, usegmt=True)
+    assert parse_retry_after(date, WALL) == pytest.approx(42.0)
+    # an obsolete date without a zone is read as GMT, independent of the machine's zone
+    assert parse_retry_after(date.replace(" GMT", ""), WALL) == pytest.approx(42.0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(), st.binary(), st.integers().map(str), st.floats().map(str)))
+def test_parse_retry_after_never_raises(value: str | bytes) -> None:
+    got = parse_retry_after(value, WALL)
+    assert got is None or 0.0 <= got <= MAX_RETRY_AFTER
+
+
+_header_values = st.one_of(
+    st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=40),
+    st.integers(min_value=-(10**6), max_value=10**12).map(str),
+    st.floats(min_value=-1e6, max_value=1e6).map(lambda f: f"{f:.3f}"),
+    st.integers(min_value=-(10**6), max_value=10**8).map(
+        lambda d: email.utils.formatdate(WALL + d, usegmt=True)
+    ),
+)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(values=st.lists(_header_values, min_size=1, max_size=6), deadline=st.floats(0.5, 60))
+def test_fuzzed_retry_after_never_crashes_nor_passes_the_deadline(
+    values: list[str], deadline: float
+) -> None:
+    """Any Retry-After sequence: the call ends with the upstream's answer, within the deadline."""
+    from seawall.client.httpx import ResilientSyncTransport
+
+    clock = ManualClock(start=0.0, wall_start=WALL)
+    calls = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        value = values[min(calls, len(values) - 1)]
+        calls += 1
+        return httpx.Response(503, headers={"Retry-After": value})
+
+    policy = ClientPolicy(
+        retry=RetryPolicy(attempts=10, deadline=deadline, budget_min_retries_per_second=100),
+        breaker=None,
+    )
+    transport = ResilientSyncTransport(httpx.MockTransport(handler), policy, clock=clock)
+    with httpx.Client(transport=transport) as client:
+        response = client.get("http://registry.test/v2/")
+    assert response.status_code == 503
+    assert 1 <= calls <= 10
+    assert clock.now() <= deadline  # never slept past the deadline
+    assert all(s >= 0 for s in clock.slept)
+
+
+# ---------------------------------------------------------------- backoff
+
+
+def test_full_jitter_backoff_is_bounded_by_the_exponential_ceiling() -> None:
+    assert full_jitter_backoff(1, 0.5, 10, lambda: 1.0) == 0.5
+    assert full_jitter_backoff(3, 0.5, 10, lambda: 1.0) == 2.0
+    assert full_jitter_backoff(10, 0.5, 10, lambda: 1.0) == 10.0  # capped
+    assert full_jitter_backoff(10_000, 0.5, 10, lambda: 1.0) == 10.0  # no overflow
+    assert full_jitter_backoff(3, 0.5, 10, lambda: 0.0) == 0.0  # full jitter reaches 0
+
+
+@given(st.integers(1, 200), st.floats(0.01, 5), st.floats(5, 100), st.floats(0, 1))
+def test_full_jitter_backoff_range(n: int, base: float, cap: float, u: float) -> None:
+    w = full_jitter_backoff(n, base, cap, lambda: u)
+    assert 0.0 <= w <= min(cap, base * 2 ** min(n - 1, 62)) + 1e-9
+
+
+# ---------------------------------------------------------------- budget
+
+
+def test_budget_allows_ratio_of_first_attempts(clock: ManualClock) -> None:
+    budget = RetryBudget(ratio=0.1, min_retries_per_second=0.0, window=10, clock=clock)
+    for _ in range(100):
+        budget.record_attempt("h")
+    granted = sum(budget.try_spend("h") for _ in range(50))
+    assert granted == 10
+    assert budget.available("h") == 0
+
+
+def test_budget_minimum_rate_lets_a_quiet_client_retry(clock: ManualClock) -> None:
+    budget = RetryBudget(ratio=0.1, min_retries_per_second=0.5, window=10, clock=clock)
+    budget.record_attempt("h")
+    assert sum(budget.try_spend("h") for _ in range(20)) == 5  # 0.5/s x 10 s
+
+
+def test_budget_window_slides(clock: ManualClock) -> None:
+    budget = RetryBudget(ratio=0.5, min_retries_per_second=0.0, window=10, clock=clock)
+    for _ in range(10):
+        budget.record_attempt("h")
+    assert sum(budget.try_spend("h") for _ in range(10)) == 5
+    clock.advance(5)
+    assert not budget.try_spend("h")  # still inside the window
+    clock.advance(5.01)
+    assert not budget.try_spend("h")  # the first attempts left the window too
+    for _ in range(4):
+        budget.record_attempt("h")
+    assert sum(budget.try_spend("h") for _ in range(10)) == 2
+
+
+def test_budget_hosts_are_separate_and_bounded(clock: ManualClock) -> None:
+    budget = RetryBudget(ratio=1.0, min_retries_per_second=0.0, clock=clock, max_hosts=3)
+    budget.record_attempt("a")
+    assert budget.try_spend("a")
+    assert not budget.try_spend("b")
+    for host in "cdefg":
+        budget.record_attempt(host)
+    assert len(budget) == 3
+
+
+def test_budget_is_thread_safe(clock: ManualClock) -> None:
+    budget = RetryBudget(ratio=0.1, min_retries_per_second=0.0, clock=clock)
+    for _ in range(1000):
+        budget.record_attempt("h")
+    granted: list[int] = []
+
+    def worker() -> None:
+        granted.append(sum(budget.try_spend("h") for _ in range(200)))
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(granted) == 100
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.just(("first", 0.0)),
+            st.just(("retry", 0.0)),
+            st.floats(0.0, 4.0).map(lambda d: ("advance", d)),
+        ),
+        max_size=300,
+    )
+)
+def test_budget_never_grants_more_than_its_allowance(ops: list[tuple[str, float]]) -> None:
+    """Over any run: retries <= ratio x first attempts + the minimum per elapsed window."""
+    clock = ManualClock(start=0.0)
+    budget = RetryBudget(ratio=0.1, min_retries_per_second=0.2, window=10, clock=clock)
+    firsts = retries = 0
+    for op, dt in ops:
+        if op == "first":
+            budget.record_attempt("h")
+            firsts += 1
+        elif op == "retry":
+            retries += budget.try_spend("h")
+        else:
+            clock.advance(dt)
+    windows = int(clock.now() // 10) + 2
+    assert retries <= 0.1 * firsts * 2 + 0.2 * 10 * windows  # each first counts in <= 2 windows
+
+
+# ---------------------------------------------------------------- policy
+
+
+def test_retry_policy_defaults_are_artifact_friendly() -> None:
+    p = RetryPolicy()
+    assert p.retry_methods == {"GET", "HEAD", "OPTIONS"}
+    assert p.retry_statuses == {429, 502, 503, 504}
+    assert p.budget_ratio == 0.1 and not p.retry_unsafe
+    assert ClientPolicy().breaker is not None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"attempts": 0}, "attempts"),
+        ({"deadline": 0}, "deadline"),
+        ({"backoff_base": 2, "backoff_cap": 1}, "backoff_cap"),
+        ({"retry_statuses": frozenset({200})}, "retry_statuses"),
+        ({"retry_statuses": frozenset({999})}, "retry_statuses"),
+        ({"idempotency_header": "Bad Header"}, "idempotency_header"),
+        ({"budget_ratio": 1.5}, "budget_ratio"),
+        ({"retry_methods": "GET"}, "retry_methods"),
+    ],
+)
+def test_retry_policy_rejects_bad_values(kwargs: dict[str, object], field: str) -> None:
+    with pytest.raises(PolicyError) as info:
+        RetryPolicy(**kwargs)  # type: ignore[arg-type]
+    assert info.value.field == field
+
+
+def test_client_policy_validates_and_round_trips() -> None:
+    with pytest.raises(PolicyError, match="rate_limit"):
+        ClientPolicy(rate_limit="ten per sec")
+    with pytest.raises(PolicyError, match="max_concurrency"):
+        ClientPolicy(max_concurrency=0)
+    p = ClientPolicy.from_dict(
+        {"retry": {"attempts": 2, "retry_methods": ["get", "put"]}, "rate_limit": "5/second"}
+    )
+    assert p.retry.attempts == 2 and p.retry.retry_methods == {"GET", "PUT"}
+    assert ClientPolicy.from_dict(p.to_dict()) == p
+    with pytest.raises(PolicyError, match=r"retry\.atempts"):
+        ClientPolicy.from_dict({"retry": {"atempts": 2}})
+
+
+# ---------------------------------------------------------- tenacity's shortfalls, kept visible
+
+
+def test_tenacity_stop_after_delay_ignores_an_injected_clock() -> None:
+    """tenacity measures delay with time.monotonic, so a driven clock never stops it;
+    seawall's StopAtDeadline reads the injected clock."""
+    import tenacity
+
+    from seawall.retry import FINAL, RetryCall, Verdict
+
+    clock = ManualClock(start=0.0)
+    attempts = 0
+
+    def always_fails() -> None:
+        nonlocal attempts
+        attempts += 1
+        raise ConnectionError("down")
+
+    plain = tenacity.Retrying(
+        sleep=clock.sleep_sync,
+        stop=tenacity.stop_after_delay(5) | tenacity.stop_after_attempt(50),
+        wait=tenacity.wait_fixed(1),
+        reraise=True,
+    )
+    with pytest.raises(ConnectionError):
+        plain(always_fails)
+    assert attempts == 50 and clock.now() == 49.0  # ran 49 s of driven time past a 5 s limit
+
+    attempts = 0
+    clock = ManualClock(start=0.0)
+    call: RetryCall[None] = RetryCall(
+        host="h",
+        policy=RetryPolicy(attempts=50, deadline=5.0, backoff_base=1, backoff_cap=1),
+        deadline_at=5.0,
+        budget=None,
+        judge_result=lambda _r: FINAL,
+        judge_exception=lambda _e: Verdict(True, "down"),
+        clock=clock,
+        rng=lambda: 1.0,
+    )
+    with pytest.raises(ConnectionError):
+        call.retrying_sync()(always_fails)
+    assert clock.now() < 5.0 and attempts == 5
+
+
+async def test_tenacity_can_retry_a_cancelled_error_ours_never_does() -> None:
+    """A predicate like retry_if_not_exception_type(ValueError) matches CancelledError."""
+    import asyncio
+
+    import tenacity
+
+    from seawall.retry import RetryCall, Verdict
+
+    attempts = 0
+
+    async def cancelled() -> None:
+        nonlocal attempts
+        attempts += 1
+        raise asyncio.CancelledError
+
+    clock = ManualClock()
+    plain = tenacity.AsyncRetrying(
+        sleep=clock.sleep,
+        retry=tenacity.retry_if_not_exception_type(ValueError),
+        stop=tenacity.stop_after_attempt(3),
+        reraise=True,
+    )
+    with pytest.raises(asyncio.CancelledError):
+        await plain(cancelled)
+    assert attempts == 3  # tenacity retried a cancellation twice
+
+    attempts = 0
+    call: RetryCall[None] = RetryCall(
+        host="h",
+        policy=RetryPolicy(attempts=3),
+        deadline_at=clock.now() + 30,
+        budget=None,
+        judge_result=lambda _r: Verdict(True),
+        judge_exception=lambda _e: Verdict(True, "anything"),  # even a face that says yes
+        clock=clock,
+    )
+    with pytest.raises(asyncio.CancelledError):
+        await call.retrying()(cancelled)
+    assert attempts == 1
