@@ -335,19 +335,25 @@ def test_sync_transport_pulls_again_with_the_registry_switched_off(clock: Manual
     assert transport._portal._loop is None  # the loop thread was stopped by close()
 
 
-async def test_outermost_over_the_resilient_transport(clock: ManualClock) -> None:
+@pytest.mark.parametrize("wiring", ["composed", "cache-argument"])
+async def test_outermost_over_the_resilient_transport(clock: ManualClock, wiring: str) -> None:
     """The intended pipeline: cache -> retry/breaker -> registry. Retries exhausted and,
-    later, an open breaker both end in verified/stale answers from the cache."""
-    resilient = pytest.importorskip("seawall.client.httpx")
+    later, an open breaker both end in verified/stale answers from the cache. Composing
+    the two transports by hand and ``ResilientTransport(cache=...)`` are the same thing."""
+    from seawall.client.httpx import ResilientTransport
+
     registry = Registry()
     bus = EventBus()
     names: list[str] = []
     bus.subscribe(lambda e: names.append(e.name))
-    inner = resilient.ResilientTransport(
-        httpx.MockTransport(registry.ahandle), clock=clock, events=bus
-    )
     cache = FallbackCache(policy=CachePolicy(max_stale=24 * 3600), clock=clock, events=bus)
-    transport = FallbackCacheTransport(inner, cache)
+    upstream = httpx.MockTransport(registry.ahandle)
+    transport: httpx.AsyncBaseTransport
+    if wiring == "composed":
+        inner = ResilientTransport(upstream, clock=clock, events=bus)
+        transport = FallbackCacheTransport(inner, cache)
+    else:
+        transport = ResilientTransport(upstream, clock=clock, events=bus, cache=cache)
     async with httpx.AsyncClient(transport=transport, base_url="https://registry.example") as c:
         first, _ = await pull(c)
         registry.down = "connect"
@@ -402,3 +408,23 @@ async def test_own_conditionals_and_ranges_go_upstream(clock: ManualClock) -> No
         registry.down = "connect"
         r = await client.get(url, headers={**auth, "range": "bytes=0-9"})
     assert r.status_code == 200 and r.content == layer  # a full 200 answers a Range too
+
+
+def test_sync_resilient_transport_takes_the_cache_outermost(clock: ManualClock) -> None:
+    from seawall.client.httpx import ResilientSyncTransport
+
+    registry = Registry()
+    cache = FallbackCache(clock=clock)
+    transport = ResilientSyncTransport(
+        httpx.MockTransport(registry.handle), clock=clock, cache=cache
+    )
+    url = "/v2/lib/app/manifests/latest"
+    headers = {"accept": MANIFEST_TYPE}
+    with httpx.Client(transport=transport, base_url="https://registry.example") as client:
+        first = client.get(url, headers=headers)
+        registry.down = "connect"
+        clock.advance(600)
+        n = len(registry.requests)
+        again = client.get(url, headers=headers)
+        assert again.content == first.content and again.headers["x-seawall-cache"] == "stale"
+        assert len(registry.requests) > n + 1, "the resilient pipeline retried before giving up"

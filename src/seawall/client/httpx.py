@@ -6,6 +6,9 @@ coalescing of identical immutable GETs -> retry (deadline, budget) -> circuit br
 rate limit / bulkhead -> per-attempt timeout -> inner transport. The first attempt takes a
 fast path; tenacity is entered only when it failed in a retryable way. Responses stay
 streaming: a successful body is never read here; a body we discard for a retry is closed.
+
+With ``cache=FallbackCache(...)`` the fallback cache goes outermost (DESIGN.md's order):
+it answers from a verified or stale copy when everything inside has given up.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from typing import ClassVar
 import httpx
 
 from seawall.breaker import BreakerRegistry, CircuitOpenError, Outcome
+from seawall.cache.fallback import FallbackCache
 from seawall.client._pipeline import ClientCore, RateLimitWaitTooLong, is_immutable_url
+from seawall.client.cache import FallbackCacheSyncTransport, FallbackCacheTransport
 from seawall.clock import SYSTEM_CLOCK, Clock
 from seawall.events import Event, EventBus
 from seawall.policy.retry import ClientPolicy
@@ -145,7 +150,7 @@ class _Base:
 class ResilientTransport(_Base, httpx.AsyncBaseTransport):
     """Async transport: budgeted retries, per-host breaker, limits, coalescing."""
 
-    __slots__ = ("_inner",)
+    __slots__ = ("_front", "_inner")
 
     def __init__(
         self,
@@ -156,12 +161,19 @@ class ResilientTransport(_Base, httpx.AsyncBaseTransport):
         events: EventBus | None = None,
         breakers: BreakerRegistry | None = None,
         budgets: RetryBudget | None = None,
+        cache: FallbackCache | None = None,
     ) -> None:
         super().__init__(policy, clock, events, breakers, budgets)
         self._inner = inner if inner is not None else httpx.AsyncHTTPTransport()
         self._groups: dict[tuple[str, ...], _Group] = {}
+        self._front = None if cache is None else FallbackCacheTransport(_Behind(self), cache)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self._front is not None:
+            return await self._front.handle_async_request(request)
+        return await self._handle(request)
+
+    async def _handle(self, request: httpx.Request) -> httpx.Response:
         if (
             request.method == "GET"
             and self._core.policy.coalesce
@@ -305,7 +317,23 @@ class ResilientTransport(_Base, httpx.AsyncBaseTransport):
         return _copy(response, tee.reader(0), request)
 
     async def aclose(self) -> None:
-        await self._inner.aclose()
+        if self._front is not None:
+            await self._front.aclose()  # closes the cache's tasks, then _Behind -> inner
+        else:
+            await self._inner.aclose()
+
+
+class _Behind(httpx.AsyncBaseTransport):
+    """The resilient pipeline as seen from the cache layer in front of it."""
+
+    def __init__(self, outer: ResilientTransport) -> None:
+        self._outer = outer
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return await self._outer._handle(request)
+
+    async def aclose(self) -> None:
+        await self._outer._inner.aclose()
 
 
 class _LeaderGone(Exception):
@@ -461,7 +489,7 @@ async def _aclose(response: httpx.Response) -> None:
 class ResilientSyncTransport(_Base, httpx.BaseTransport):
     """Sync transport: the same pipeline for ``httpx.Client`` (no coalescing)."""
 
-    __slots__ = ("_inner",)
+    __slots__ = ("_front", "_inner")
 
     def __init__(
         self,
@@ -472,11 +500,20 @@ class ResilientSyncTransport(_Base, httpx.BaseTransport):
         events: EventBus | None = None,
         breakers: BreakerRegistry | None = None,
         budgets: RetryBudget | None = None,
+        cache: FallbackCache | None = None,
     ) -> None:
         super().__init__(policy, clock, events, breakers, budgets)
         self._inner = inner if inner is not None else httpx.HTTPTransport()
+        self._front = (
+            None if cache is None else FallbackCacheSyncTransport(_SyncBehind(self), cache)
+        )
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if self._front is not None:
+            return self._front.handle_request(request)
+        return self._handle(request)
+
+    def _handle(self, request: httpx.Request) -> httpx.Response:
         core = self._core
         host = _host(request)
         deadline_at = core.start(host)
@@ -542,7 +579,23 @@ class ResilientSyncTransport(_Base, httpx.BaseTransport):
         return response
 
     def close(self) -> None:
-        self._inner.close()
+        if self._front is not None:
+            self._front.close()
+        else:
+            self._inner.close()
+
+
+class _SyncBehind(httpx.BaseTransport):
+    """The sync pipeline as seen from the cache layer in front of it."""
+
+    def __init__(self, outer: ResilientSyncTransport) -> None:
+        self._outer = outer
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        return self._outer._handle(request)
+
+    def close(self) -> None:
+        self._outer._inner.close()
 
 
 def _cap_timeouts(request: httpx.Request, timeout: float | None) -> None:
