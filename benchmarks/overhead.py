@@ -1,0 +1,231 @@
+"""Per-request cost of seawall's RateLimitMiddleware against peers, in one process and run.
+
+Each variant is a Starlette app driven directly through ``app(scope, receive, send)`` in a
+loop (no HTTP client, no server), so what is measured is the middleware, not httpx.
+Every variant uses the moving-window strategy in memory and a limit that never rejects;
+the client address rotates every ``KEY_SPAN`` requests so that no key ever holds more
+timestamps than a real key under that limit would.
+
+    .venv/bin/python benchmarks/overhead.py            # full run
+    .venv/bin/python benchmarks/overhead.py --quick    # a few seconds
+
+Goals (issue 3): seawall's added cost <= 1/10 of SlowAPIMiddleware's, <= 1/3 of
+SlowAPIASGIMiddleware's, and <= 2x the cost of the ``limits`` calls it makes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import random
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from limits import parse
+from limits.aio.storage import MemoryStorage as LimitsAsyncMemory
+from limits.aio.strategies import MovingWindowRateLimiter
+from slowapi import Limiter, _rate_limit_exceeded_handler
+from slowapi.errors import RateLimitExceeded
+from slowapi.middleware import SlowAPIASGIMiddleware, SlowAPIMiddleware
+from slowapi.util import get_remote_address
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from seawall.asgi.ratelimit import RateLimitMiddleware
+from seawall.policy.ratelimit import RateLimitPolicy
+from seawall.ratelimit import RateLimiter
+from seawall.storage import BoundedMemoryStorage
+
+LIMIT = "100000/minute"
+KEY_SPAN = 1000
+
+
+async def home(_request: Any) -> PlainTextResponse:
+    return PlainTextResponse("ok")
+
+
+class NoOp:
+    """The cheapest possible pure-ASGI middleware: the floor for any middleware."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+
+def starlette_app(middleware: list[Middleware] | None = None, slowapi: bool = False) -> Starlette:
+    app = Starlette(routes=[Route("/", home)], middleware=middleware or [])
+    if slowapi:
+        app.state.limiter = Limiter(
+            key_func=get_remote_address, default_limits=[LIMIT], strategy="moving-window"
+        )
+        app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)  # type: ignore[arg-type]
+    return app
+
+
+def make_scope(i: int) -> dict[str, Any]:
+    n = i // KEY_SPAN
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/",
+        "raw_path": b"/",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"bench"), (b"user-agent", b"bench")],
+        "client": (f"10.{(n >> 16) & 255}.{(n >> 8) & 255}.{n & 255}", 40000),
+        "server": ("bench", 80),
+        "state": {},
+    }
+
+
+async def receive() -> dict[str, Any]:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+Runner = Callable[[int, int], Awaitable[float]]
+
+
+def app_runner(app: ASGIApp) -> Runner:
+    statuses: list[int] = []
+
+    async def send(message: Any) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    async def run(start: int, n: int) -> float:
+        scopes = [make_scope(start + i) for i in range(n)]
+        statuses.clear()
+        t0 = time.perf_counter()
+        for scope in scopes:
+            await app(scope, receive, send)
+        dt = time.perf_counter() - t0
+        assert statuses and all(s == 200 for s in statuses), set(statuses)
+        return dt / n
+
+    return run
+
+
+def limits_runner(storage: Any) -> Runner:
+    """The limits calls a middleware needs per request: one hit plus the window stats."""
+    strategy = MovingWindowRateLimiter(storage)
+    item = parse(LIMIT)
+
+    async def run(start: int, n: int) -> float:
+        keys = [f"10.0.0.{(start + i) // KEY_SPAN}" for i in range(n)]
+        t0 = time.perf_counter()
+        for key in keys:
+            await strategy.hit(item, "bench", key)
+            await strategy.get_window_stats(item, "bench", key)
+        return (time.perf_counter() - t0) / n
+
+    return run
+
+
+def seawall_limiter_runner() -> Runner:
+    limiter = RateLimiter(RateLimitPolicy(limit=LIMIT))
+
+    async def run(start: int, n: int) -> float:
+        keys = [(f"ip:10.0.0.{(start + i) // KEY_SPAN}",) for i in range(n)]
+        t0 = time.perf_counter()
+        for key in keys:
+            await limiter.hit(key, 1)
+        return (time.perf_counter() - t0) / n
+
+    return run
+
+
+async def measure(
+    runners: dict[str, Runner], n: int, repeats: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Median µs/request per variant, and median of per-round differences to bare Starlette.
+
+    Each round runs every variant once in a shuffled order, so slow drift (other processes,
+    slowapi's storage timer thread) lands on all variants alike; the "added" figures are
+    medians of differences taken within a round, which cancels most of that drift.
+    """
+    samples: dict[str, list[float]] = {name: [] for name in runners}
+    offsets = dict.fromkeys(runners, 0)
+    order = list(runners)
+    rng = random.Random(7)
+    for name, run in runners.items():  # warm-up (middleware stacks build on first call)
+        await run(offsets[name], min(n, 200))
+        offsets[name] += min(n, 200)
+    for _ in range(repeats):
+        rng.shuffle(order)
+        for name in order:
+            gc.collect()
+            samples[name].append(await runners[name](offsets[name], n))
+            offsets[name] += n
+            # limits' sync MemoryStorage (slowapi) sweeps keys in a threading.Timer 10 ms
+            # after its last hit; let that finish outside the timed loops of other variants.
+            await asyncio.sleep(0.03)
+    bare = samples["bare starlette"]
+    median = {name: statistics.median(v) * 1e6 for name, v in samples.items()}
+    added = {
+        name: statistics.median(x - b for x, b in zip(v, bare, strict=True)) * 1e6
+        for name, v in samples.items()
+    }
+    return median, added
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer requests and repeats")
+    args = parser.parse_args()
+    n, repeats = (2_000, 5) if args.quick else (10_000, 15)
+
+    seawall_policy = RateLimitPolicy(limit=LIMIT)
+    runners: dict[str, Runner] = {
+        "bare starlette": app_runner(starlette_app()),
+        "no-op ASGI middleware": app_runner(starlette_app([Middleware(NoOp)])),
+        "seawall RateLimitMiddleware": app_runner(
+            starlette_app([Middleware(RateLimitMiddleware, policy=seawall_policy)])
+        ),
+        "slowapi SlowAPIMiddleware": app_runner(
+            starlette_app([Middleware(SlowAPIMiddleware)], slowapi=True)
+        ),
+        "slowapi SlowAPIASGIMiddleware": app_runner(
+            starlette_app([Middleware(SlowAPIASGIMiddleware)], slowapi=True)
+        ),
+        "limits hit+stats (limits async MemoryStorage)": limits_runner(LimitsAsyncMemory()),
+        "limits hit+stats (seawall BoundedMemoryStorage)": limits_runner(BoundedMemoryStorage()),
+        "seawall RateLimiter.hit (no HTTP)": seawall_limiter_runner(),
+    }
+    us, added = asyncio.run(measure(runners, n, repeats))
+    direct = ("limits", "seawall RateLimiter")
+    print(f"\n{n} requests x {repeats} rounds per variant (shuffled order), median µs/request")
+    print("'added' = median over rounds of (variant - bare starlette) in the same round;")
+    print("for the direct calls (no HTTP) it is their own cost.\n")
+    print(f"{'variant':<50} {'µs/req':>8} {'added':>8}")
+    for name, value in us.items():
+        extra = value if name.startswith(direct) else added[name]
+        print(f"{name:<50} {value:8.2f} {extra:8.2f}")
+    ours = added["seawall RateLimitMiddleware"]
+    slow_bh = added["slowapi SlowAPIMiddleware"]
+    slow_asgi = added["slowapi SlowAPIASGIMiddleware"]
+    lim = us["limits hit+stats (limits async MemoryStorage)"]
+    lim_ours = us["limits hit+stats (seawall BoundedMemoryStorage)"]
+    print()
+    rows = [
+        ("seawall added / SlowAPIMiddleware added", ours / slow_bh, "<= 0.100"),
+        ("seawall added / SlowAPIASGIMiddleware added", ours / slow_asgi, "<= 0.333"),
+        ("seawall added / limits hit+stats (limits memory)", ours / lim, "<= 2.000"),
+        ("seawall added / limits hit+stats (seawall storage)", ours / lim_ours, "<= 2.000"),
+    ]
+    for label, ratio, goal in rows:
+        print(f"{label:<55} {ratio:6.3f}   goal {goal}")
+
+
+if __name__ == "__main__":
+    main()

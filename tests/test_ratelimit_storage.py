@@ -1,0 +1,317 @@
+"""Storage: bounded memory storage semantics, 10^6 keys bounded and reclaimed, Redis modes."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from limits import parse
+from limits.aio.storage import MemoryStorage as LimitsAsyncMemory
+from limits.aio.strategies import (
+    FixedWindowRateLimiter,
+    MovingWindowRateLimiter,
+    SlidingWindowCounterRateLimiter,
+)
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+from seawall.asgi.ratelimit import RateLimitMiddleware
+from seawall.clock import SYSTEM_CLOCK, ManualClock
+from seawall.events import Event, EventBus
+from seawall.policy.ratelimit import RateLimitPolicy
+from seawall.ratelimit import RateLimiter, RateLimitStorageFailed
+from seawall.storage import BoundedMemoryStorage, storage_from_uri
+
+
+async def test_moving_window_matches_limits_semantics(clock: ManualClock) -> None:
+    storage = BoundedMemoryStorage(clock=clock)
+    strategy = MovingWindowRateLimiter(storage)
+    item = parse("3/minute")
+    assert [await strategy.hit(item, "k") for _ in range(4)] == [True, True, True, False]
+    stats = await strategy.get_window_stats(item, "k")
+    assert stats.remaining == 0
+    assert stats.reset_time == pytest.approx(clock.wall() + 60)
+    clock.advance(59.9)
+    assert not await strategy.hit(item, "k")
+    clock.advance(0.2)  # the first three entries left the window, without any sleep
+    assert await strategy.hit(item, "k")
+    assert (await strategy.get_window_stats(item, "k")).remaining == 2
+    assert not await strategy.hit(item, "k", cost=3)
+    assert await strategy.test(item, "k", cost=2)
+
+
+async def test_fixed_and_sliding_window_strategies_run_on_it(clock: ManualClock) -> None:
+    storage = BoundedMemoryStorage(clock=clock)
+    fixed = FixedWindowRateLimiter(storage)
+    item = parse("2/second")
+    assert [await fixed.hit(item, "f") for _ in range(3)] == [True, True, False]
+    clock.advance(1.0)
+    assert await fixed.hit(item, "f")
+    sliding = SlidingWindowCounterRateLimiter(storage)
+    item = parse("10/minute")
+    assert sum([await sliding.hit(item, "s") for _ in range(15)]) == 10
+    clock.advance(90)  # half of the previous window still weighs in
+    stats = await sliding.get_window_stats(item, "s")
+    assert 0 < stats.remaining < 10
+    clock.advance(120)
+    assert (await sliding.get_window_stats(item, "s")).remaining == 10
+    await sliding.clear(item, "s")
+    assert await storage.check()
+    assert await storage.reset() is not None
+    assert len(storage) == 0
+
+
+async def test_lru_eviction_holds_the_cap(clock: ManualClock) -> None:
+    storage = BoundedMemoryStorage(clock=clock, max_keys=3)
+    for key in "abc":
+        assert storage.acquire_moving(key, 1, 60)[0]
+    storage.acquire_moving("a", 1, 60)  # refused, but touches "a": "b" is now the oldest
+    assert storage.acquire_moving("d", 1, 60)[0]
+    assert len(storage) == 3
+    assert storage.evicted == 1
+    assert storage.moving_window("b", 60)[1] == 0  # forgotten: a fresh window
+    assert storage.moving_window("a", 60)[1] == 1
+
+
+def test_a_million_distinct_keys_stay_bounded_and_are_reclaimed() -> None:
+    """10^6 client addresses against a 50,000-key table: at most 50,000 keys, ever."""
+    clock = ManualClock()
+    cap = 50_000
+    storage = BoundedMemoryStorage(clock=clock, max_keys=cap)
+    proc = psutil.Process()
+    gc.collect()
+    rss_before = proc.memory_info().rss
+    acquire = storage.acquire_moving
+    peak = 0
+    for i in range(1_000_000):
+        acquire(f"seawall/default/ip:10.{i >> 16}.{(i >> 8) & 255}.{i & 255}/100/1/minute", 100, 60)
+        if i % 50_000 == 0:
+            clock.advance(0.5)  # the flood lasts 10 s of driven time
+            peak = max(peak, len(storage))
+    peak = max(peak, len(storage))
+    assert peak <= cap
+    assert storage.evicted >= 1_000_000 - cap
+    gc.collect()
+    growth = proc.memory_info().rss - rss_before
+    assert growth < 64 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB"
+    # After the window, new traffic reclaims the expired keys a few at a time...
+    clock.advance(61)
+    before = storage.reclaimed
+    for i in range(1000):
+        acquire(f"late-{i}", 100, 60)
+    assert storage.reclaimed - before >= 1000
+    # ...and an explicit sweep drops all the rest at once.
+    storage.sweep()
+    assert len(storage) == 1000
+
+
+async def test_limits_memory_storage_shortfall() -> None:
+    """Why seawall has its own: limits' async MemoryStorage spawns an unowned task, keeps
+    one lock per key, has no key cap and holds expired moving-window keys until a sweep."""
+    storage = LimitsAsyncMemory()
+    strategy = MovingWindowRateLimiter(storage)
+    item = parse("1/second")
+    for i in range(500):
+        await strategy.hit(item, f"k{i}")
+    timer = storage.timer
+    assert isinstance(timer, asyncio.Task)  # a background task nobody awaits
+    assert len(storage.events) == 500  # no bound on keys
+    assert len(storage.locks) >= 1
+    await asyncio.sleep(0)  # let its sweep start; the keys are not expired yet
+    assert len(storage.events) == 500
+    timer.cancel()
+
+
+def test_storage_from_uri() -> None:
+    clock = ManualClock()
+    memory = storage_from_uri("memory://", clock=clock, max_tracked_keys=7)
+    assert isinstance(memory, BoundedMemoryStorage)
+    assert memory.max_keys == 7
+    assert memory.clock is clock
+    with pytest.raises(ValueError, match="unsupported"):
+        storage_from_uri("memcached://localhost:11211")
+    with pytest.raises(ValueError):
+        BoundedMemoryStorage(max_keys=0)
+
+
+# --- Redis ---------------------------------------------------------------------------------
+
+
+def _name() -> str:
+    return f"t{uuid.uuid4().hex[:12]}"
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("scheme", ["redis://", "async+redis://"])
+async def test_redis_backed_limit(redis_url: str, scheme: str) -> None:
+    uri = scheme + redis_url.split("://", 1)[1]
+    policy = RateLimitPolicy(limit="5/minute", storage=uri, name=_name())
+    limiter = RateLimiter(policy, clock=SYSTEM_CLOCK, events=EventBus())
+    results = [await limiter.hit(("ip:10.0.0.1",)) for _ in range(7)]
+    assert [d.admitted for d in results] == [True] * 5 + [False] * 2
+    assert results[4].remaining == 0
+    assert 0 < results[5].retry_after <= 60
+    other = await limiter.hit(("ip:10.0.0.2",))
+    assert other.admitted
+    assert limiter.storage_failures == 0
+
+
+@pytest.mark.redis
+async def test_redis_several_rules_test_then_hit(redis_url: str) -> None:
+    from seawall.policy.ratelimit import LimitRule
+
+    policy = RateLimitPolicy(
+        limit="3/minute",
+        key="header:x-tenant",
+        storage=redis_url,
+        name=_name(),
+        rules=(LimitRule("4/minute", key="global", name=_name()),),
+    )
+    limiter = RateLimiter(policy, events=EventBus())
+    a = [(await limiter.hit(("h:a", "*"))).admitted for _ in range(4)]
+    b = [(await limiter.hit(("h:b", "*"))).admitted for _ in range(2)]
+    assert a == [True, True, True, False]
+    assert b == [True, False]  # the global cap (4) is full after a:3 + b:1
+
+
+def _app(policy: RateLimitPolicy, bus: EventBus) -> Starlette:
+    async def home(_request: Any) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/", home)])
+    app.add_middleware(RateLimitMiddleware, policy=policy, events=bus)
+    return app
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("mode", ["open", "closed"])
+async def test_redis_down_follows_the_policy(
+    redis_process: Callable[[], Any], mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = redis_process()
+    policy = RateLimitPolicy.from_dict(
+        {"limit": "100/minute", "storage": server.url, "on_storage_error": mode, "name": _name()}
+    )
+    bus = EventBus()
+    seen: list[Event] = []
+    bus.subscribe(seen.append)
+    transport = httpx.ASGITransport(app=_app(policy, bus))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        up = await client.get("/")
+        assert up.status_code == 200
+        assert up.headers["ratelimit"].endswith(";t=60")
+        server.stop()
+        down = [await client.get("/") for _ in range(5)]
+    statuses = {r.status_code for r in down}
+    failures = [e for e in seen if isinstance(e, RateLimitStorageFailed)]
+    assert len(failures) == 5
+    assert all(e.fail_open is (mode == "open") for e in failures)
+    warnings = [r for r in caplog.records if "rate-limit storage" in r.getMessage()]
+    assert len(warnings) == 1  # logged once per interval, not once per request
+    if mode == "open":
+        assert statuses == {200}
+        assert "ratelimit" not in down[0].headers  # nothing known about the window
+    else:
+        assert statuses == {503}
+        assert int(down[0].headers["retry-after"]) >= 1
+        assert down[0].headers["content-type"] == "application/problem+json"
+
+
+@pytest.mark.parametrize("strategy", ["fixed-window", "moving-window", "sliding-window-counter"])
+async def test_every_strategy_gives_a_driven_retry_after(clock: ManualClock, strategy: str) -> None:
+    """Retry-After stays within the window under an injected clock, whatever the strategy
+    (limits' sliding-window stats add time.time(); seawall reads the relative TTLs)."""
+    policy = RateLimitPolicy.from_dict({"limit": "3/minute", "strategy": strategy})
+    limiter = RateLimiter(policy, clock=clock, events=EventBus())
+    clock.advance(7.0)
+    decisions = [await limiter.hit(("ip:1",)) for _ in range(4)]
+    assert [d.admitted for d in decisions] == [True, True, True, False]
+    assert 0 < decisions[3].retry_after <= 60
+    assert decisions[2].remaining == 0
+    clock.advance(121)
+    assert (await limiter.hit(("ip:1",))).admitted
+
+
+@pytest.mark.parametrize("mode", ["open", "closed"])
+async def test_a_hung_store_is_a_failure_not_a_hang(mode: str) -> None:
+    """A Redis that accepts connections but never answers (overloaded) trips the socket
+    timeout, and the policy decides; redis-py's default retries with back-off are off."""
+    import socket
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)  # connections queue in the backlog; nobody ever answers
+        port = silent.getsockname()[1]
+        policy = RateLimitPolicy.from_dict(
+            {
+                "storage": f"redis://127.0.0.1:{port}/0",
+                "storage_timeout": 0.05,
+                "on_storage_error": mode,
+            }
+        )
+        limiter = RateLimiter(policy, events=EventBus())
+        decision = await limiter.hit(("ip:1",))
+    assert decision.storage_failed
+    assert decision.admitted is (mode == "open")
+    assert limiter.storage_failures == 1
+
+
+def test_only_memory_moving_window_decides_without_io(clock: ManualClock) -> None:
+    fast = RateLimiter(RateLimitPolicy(), clock=clock, events=EventBus())
+    assert fast.decides_without_io
+    assert fast.hit_now(("ip:1",)).admitted
+    slow = RateLimiter(RateLimitPolicy(strategy="fixed-window"), clock=clock, events=EventBus())
+    assert not slow.decides_without_io
+    with pytest.raises(RuntimeError, match="moving window"):
+        slow.hit_now(("ip:1",))
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(st.floats(min_value=0, max_value=30, allow_nan=False), st.integers(1, 3)),
+        min_size=1,
+        max_size=40,
+    )
+)
+def test_fast_path_decides_exactly_like_limits_own_moving_window(
+    steps: list[tuple[float, int]],
+) -> None:
+    """seawall's no-await hit agrees with MovingWindowRateLimiter on limits' MemoryStorage,
+    whose time source is pointed at the same driven clock."""
+    import limits.aio.storage.memory as limits_memory
+
+    clock = ManualClock()
+    fake_time = type("FakeTime", (), {"time": staticmethod(clock.wall)})
+
+    async def run() -> tuple[list[bool], list[bool]]:
+        ours = RateLimiter(RateLimitPolicy(limit="5/minute"), clock=clock, events=EventBus())
+        theirs = MovingWindowRateLimiter(LimitsAsyncMemory())
+        item = parse("5/minute")
+        a: list[bool] = []
+        b: list[bool] = []
+        for advance, cost in steps:
+            clock.advance(advance)
+            a.append(ours.hit_now(("k",), cost).admitted)
+            b.append(await theirs.hit(item, "k", cost=cost))
+        timer = theirs.storage.timer  # type: ignore[attr-defined]
+        if timer is not None:
+            timer.cancel()
+        return a, b
+
+    original = limits_memory.time
+    limits_memory.time = fake_time  # type: ignore[assignment]
+    try:
+        ours, theirs = asyncio.run(run())
+    finally:
+        limits_memory.time = original
+    assert ours == theirs
