@@ -37,7 +37,7 @@ from starlette.types import Message
 from seawall.asgi.shed import LoadShedMiddleware
 from seawall.events import EventBus
 from seawall.policy.shed import ShedPolicy
-from seawall.shed import LimitChanged, Permit
+from seawall.shed import ConcurrencyLimitChanged, Permit
 
 LAG_INVALID = 0.005
 
@@ -134,7 +134,9 @@ async def run_level(
     bus = EventBus()
     limits: list[int] = []
     if variant == "seawall":
-        bus.subscribe(lambda e: limits.append(e.new) if isinstance(e, LimitChanged) else None)
+        bus.subscribe(
+            lambda e: limits.append(e.new) if isinstance(e, ConcurrencyLimitChanged) else None
+        )
         app = LoadShedMiddleware(app, events=bus)
     res = Result(variant, load, duration, capacity)
     rng = random.Random(seed)

@@ -22,12 +22,12 @@ from seawall.errors import PolicyError
 from seawall.events import Event, EventBus
 from seawall.policy.shed import RequestClass, ShedPolicy
 from seawall.shed import (
+    ConcurrencyLimitChanged,
     ConcurrencyLimiter,
     GradientController,
-    LimitChanged,
     Permit,
     Rejection,
-    Shed,
+    RequestShed,
     Waiter,
 )
 
@@ -198,7 +198,7 @@ def test_waiter_expires_after_the_interval_with_an_event(clock: ManualClock) -> 
     lim.expire()
     assert isinstance(waiter.result, Rejection) and waiter.result.reason == "expired"
     assert lim.queued == 0
-    shed = [e for e in seen if isinstance(e, Shed)]
+    shed = [e for e in seen if isinstance(e, RequestShed)]
     assert [e.reason for e in shed] == ["expired"]
 
 
@@ -233,7 +233,7 @@ def test_priorities_are_shed_lowest_first_and_served_highest_first(clock: Manual
         assert isinstance(granted.result, Permit)
         permit = granted.result
     assert order == [high, mid, low2]
-    assert [(e.reason, e.priority) for e in seen if isinstance(e, Shed)] == [
+    assert [(e.reason, e.priority) for e in seen if isinstance(e, RequestShed)] == [
         ("displaced", 10),
         ("queue_full", 5),
     ]
@@ -351,7 +351,7 @@ def test_controller_rises_when_latency_is_flat(clock: ManualClock) -> None:
     assert controller is not None and controller.baseline == pytest.approx(0.02)
     assert limits[-1] > 3 * policy.initial_limit
     assert all(b >= a for a, b in itertools.pairwise(limits[5:]))
-    changes = [e for e in seen if isinstance(e, LimitChanged)]
+    changes = [e for e in seen if isinstance(e, ConcurrencyLimitChanged)]
     assert changes and all(e.new != e.old for e in changes)
 
 
@@ -381,7 +381,9 @@ def test_controller_reprobes_the_baseline_at_min_limit(clock: ManualClock) -> No
     lim = ConcurrencyLimiter(policy, clock=clock, events=bus)
     _drive(lim, clock, lambda n: 0.05 if n > 8 else 0.02, 200)
     assert clock.now() - 1_000.0 > 3 * policy.probe_interval
-    probes = [e for e in seen if isinstance(e, LimitChanged) and e.new == policy.min_limit]
+    probes = [
+        e for e in seen if isinstance(e, ConcurrencyLimitChanged) and e.new == policy.min_limit
+    ]
     assert len(probes) >= 3
     controller = lim.controller
     assert controller is not None and controller.baseline == pytest.approx(0.02)

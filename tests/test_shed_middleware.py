@@ -19,7 +19,7 @@ from seawall.asgi.shed import SHED_HEADER, LoadShedMiddleware
 from seawall.clock import ManualClock
 from seawall.events import Event, EventBus
 from seawall.policy.shed import ShedPolicy
-from seawall.shed import Shed
+from seawall.shed import RequestShed
 
 ONE = ShedPolicy(adaptive=False, initial_limit=1, min_limit=1, max_queue_length=0)
 ONE_QUEUED = ONE.replace(max_queue_length=4)
@@ -127,7 +127,7 @@ async def test_shed_response_is_a_503_problem_with_retry_after(clock: ManualCloc
     assert doc["priority"] == 30  # the blob class
     assert head.status_code == 503 and head.content == b""
     assert inner.runs == ["/v2/a/blobs/sha256:1", "/v2/a/blobs/sha256:4"]
-    events = [e for e in seen if isinstance(e, Shed)]
+    events = [e for e in seen if isinstance(e, RequestShed)]
     assert [(e.reason, e.priority) for e in events] == [("queue_full", 30)] * 2
     assert all(e.retry_after >= 1 for e in events)
     assert app.limiter.in_flight == 0

@@ -29,18 +29,18 @@ QUEUE_FILL_OVERLOADED = 0.25
 """The same under sustained overload, where an expired waiter is the likely outcome."""
 
 __all__ = [
+    "ConcurrencyLimitChanged",
     "ConcurrencyLimiter",
     "GradientController",
-    "LimitChanged",
     "Permit",
     "Rejection",
-    "Shed",
+    "RequestShed",
     "Waiter",
 ]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Shed(Event):
+class RequestShed(Event):
     """A request was refused: ``queue_full``, ``expired`` (waited too long) or ``displaced``."""
 
     name: ClassVar[str] = "shed.shed"
@@ -50,7 +50,7 @@ class Shed(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class LimitChanged(Event):
+class ConcurrencyLimitChanged(Event):
     """The effective concurrency limit moved (controller step or min-RTT probe)."""
 
     name: ClassVar[str] = "shed.limit_changed"
@@ -374,7 +374,7 @@ class ConcurrencyLimiter:
             )
             new = self._controller.limit
             if new != old and self._bus.active:
-                self._bus.emit(LimitChanged(at=now, old=old, new=new))
+                self._bus.emit(ConcurrencyLimitChanged(at=now, old=old, new=new))
         if self._queued:
             self._expire(now)
             self._dispatch(now)
@@ -447,7 +447,9 @@ class ConcurrencyLimiter:
     def _reject(self, reason: str, priority: int, now: float) -> Rejection:
         retry_after = self.retry_after()
         if self._bus.active:
-            self._bus.emit(Shed(at=now, reason=reason, priority=priority, retry_after=retry_after))
+            self._bus.emit(
+                RequestShed(at=now, reason=reason, priority=priority, retry_after=retry_after)
+            )
         return Rejection(reason, priority, retry_after)
 
     def _expire(self, now: float) -> None:
