@@ -20,10 +20,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q
+	SEAWALL_RUN_SLOW=1 $(BIN)/python -m pytest -q
 
+# The figures in docs/performance.md come from these (a few minutes; --quick for a look).
 bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python benchmarks/client_overhead.py
+	$(BIN)/python benchmarks/shedding.py --out bench-out
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist bench-out replay-report

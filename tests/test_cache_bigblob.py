@@ -1,7 +1,7 @@
 """A big blob streams through either face, into and out of the disk store, with RSS growth
 under 64 MiB. The bytes are generated on the fly. The 1 GiB runs take about 25 s each on a
-2-core machine, so they are marked slow and run only with SEAWALL_RUN_SLOW=1; a 256 MiB
-variant of each runs by default."""
+2-core machine, so they are marked slow and run only with SEAWALL_RUN_SLOW=1, which
+`make test` (and so CI) sets; a 256 MiB variant of each runs in any pytest run."""
 
 from __future__ import annotations
 
