@@ -13,11 +13,14 @@ import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from typing import Generic, TypeVar
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Generic, TypeVar
 
 from seawall.breaker import (
     BreakerRegistry,
     CircuitBreaker,
+    CircuitOpenError,
     Outcome,
     classify_exception,
     classify_status,
@@ -26,11 +29,14 @@ from seawall.clock import SYSTEM_CLOCK, Clock
 from seawall.errors import SeawallError
 from seawall.events import DEFAULT_BUS, EventBus
 from seawall.policy.retry import ClientPolicy
-from seawall.retry import FINAL, RetryBudget, Verdict, parse_retry_after
+from seawall.retry import FINAL, RetryBudget, RetryCall, Verdict, parse_retry_after
 
 __all__ = [
+    "Admission",
     "BulkheadTimeout",
     "ClientCore",
+    "CoreAccess",
+    "FaceHooks",
     "HostPacer",
     "RateLimitWaitTooLong",
     "is_immutable_url",
@@ -38,6 +44,8 @@ __all__ = [
 
 K = TypeVar("K")
 V = TypeVar("V")
+R = TypeVar("R")  # what an attempt returns
+Q = TypeVar("Q")  # what a face sends (httpx.Request, PreparedRequest, None for a callable)
 
 _DIGEST = re.compile(r"sha256(?::|%3[aA]|/|=|-)[0-9a-fA-F]{64}")
 
@@ -138,6 +146,7 @@ class ClientCore:
         "budget",
         "bus",
         "clock",
+        "limited",
         "policy",
     )
 
@@ -172,6 +181,9 @@ class ClientCore:
         if cap is not None:
             self._async_slots = _LRU(lambda _h: asyncio.Semaphore(cap), p.max_hosts)
             self._sync_slots = _LRU(lambda _h: threading.BoundedSemaphore(cap), p.max_hosts)
+        # With neither a rate limit nor a bulkhead an attempt never waits to start: a hot
+        # path may then skip :meth:`Admission.wait` (and its coroutine) for the timeout alone.
+        self.limited = rate is not None or cap is not None
 
     # ---- per call
 
@@ -187,6 +199,12 @@ class ClientCore:
             return True
         return headers is not None and bool(headers.get(r.idempotency_header))
 
+    def judge_response(self, status: int, headers: Mapping[str, str]) -> Verdict:
+        """:meth:`judge_status` for an HTTP response; the common, final case reads no header."""
+        if status not in self.policy.retry.retry_statuses:
+            return FINAL
+        return self.judge_status(status, headers.get("retry-after"))
+
     def judge_status(self, status: int, retry_after: str | bytes | None) -> Verdict:
         """Retryable statuses (429, 502, 503, 504 by default) with any Retry-After."""
         r = self.policy.retry
@@ -195,21 +213,39 @@ class ClientCore:
         after = parse_retry_after(retry_after, self.clock.wall()) if retry_after else None
         return Verdict(True, f"status {status}", after)
 
+    def retry_call(
+        self,
+        host: str,
+        deadline_at: float,
+        judge_result: Callable[[R], Verdict],
+        judge_exception: Callable[[BaseException], Verdict],
+    ) -> RetryCall[R]:
+        """The retries of one logical call (entered only after a retryable first attempt),
+        with this client's policy, budget, clock and event bus; the face judges outcomes."""
+        return RetryCall(
+            host=host,
+            policy=self.policy.retry,
+            deadline_at=deadline_at,
+            budget=self.budget,
+            judge_result=judge_result,
+            judge_exception=judge_exception,
+            clock=self.clock,
+            events=self.bus,
+        )
+
     def attempt_timeout(self, deadline_at: float) -> float | None:
         """The per-attempt timeout: the policy's, never beyond the call's deadline."""
-        remaining = max(0.0, deadline_at - self.clock.now())
+        # max()/min() spelled out: this runs on every attempt and the builtins cost more.
+        remaining = deadline_at - self.clock.now()
+        if not remaining > 0.0:
+            remaining = 0.0
         t = self.policy.attempt_timeout
-        return remaining if t is None else min(t, remaining)
+        return remaining if t is None or remaining < t else t
 
     # ---- per host mechanisms
 
     def breaker(self, host: str) -> CircuitBreaker | None:
         return self.breakers.get(host) if self.breakers is not None else None
-
-    def breaker_outcome_status(self, status: int) -> Outcome:
-        bp = self.policy.breaker
-        assert bp is not None
-        return classify_status(status, bp)
 
     def breaker_outcome_exception(self, exc: BaseException) -> Outcome:
         """Follow the user's breaker policy (e.g. a 429 carried by an exception)."""
@@ -230,3 +266,187 @@ class ClientCore:
 
     def sync_slot(self, host: str) -> threading.BoundedSemaphore | None:
         return self._sync_slots.get(host) if self._sync_slots is not None else None
+
+
+class CoreAccess:
+    """What every face shows of its :class:`ClientCore`: the state another face (or a
+    :func:`~seawall.client.call.resilient` call) can share by being given it."""
+
+    __slots__ = ()
+    _core: ClientCore
+
+    @property
+    def breakers(self) -> BreakerRegistry | None:
+        return self._core.breakers
+
+    @property
+    def budgets(self) -> RetryBudget:
+        return self._core.budget
+
+
+@dataclass(frozen=True, slots=True)
+class FaceHooks(Generic[Q]):
+    """What a face tells :class:`Admission` (one constant per face, not built per call).
+
+    ``on_open`` wraps the breaker's :class:`~seawall.breaker.CircuitOpenError` in the
+    face's error type (None: raised as is); ``on_no_slot`` builds the error for a full
+    bulkhead (None: :class:`BulkheadTimeout`); ``outcome_of`` says what an exception means
+    to the breaker (None: a rate-limit wait or a slot never obtained is NEUTRAL, the rest
+    follows the breaker policy).
+    """
+
+    on_open: Callable[[CircuitOpenError, Q], BaseException] | None = None
+    on_no_slot: Callable[[str, float | None, Q], BaseException] | None = None
+    outcome_of: Callable[[ClientCore, BaseException], Outcome] | None = None
+
+
+_NO_HOOKS: FaceHooks[Any] = FaceHooks()  # every error as it is, the default judgement
+
+
+class Admission(Generic[Q]):
+    """One attempt's passage through breaker -> rate limit -> bulkhead, the same for every
+    face, so that what counts against the breaker and when a slot is freed cannot drift
+    apart between them. Constructing it starts the attempt: the host's breaker lets it
+    through (or raises, see :class:`FaceHooks`) and its clock starts. Use::
+
+        with Admission(core, host, deadline_at, request, HOOKS) as admission:
+            timeout = admission.wait_sync()  # or: await admission.wait()
+            response = send(request, timeout)
+            admission.succeeded(response.status_code)
+
+    Leaving the block with an exception records it with the breaker; leaving it at all
+    frees the slot unless :meth:`streaming` handed it over (to a response body).
+    """
+
+    __slots__ = (
+        "_breaker",
+        "_core",
+        "_deadline_at",
+        "_hooks",
+        "_host",
+        "_permit",
+        "_release",
+        "_slot",
+        "_started",
+        "_subject",
+    )
+
+    def __init__(
+        self,
+        core: ClientCore,
+        host: str,
+        deadline_at: float,
+        subject: Q,
+        hooks: FaceHooks[Q] = _NO_HOOKS,
+    ) -> None:
+        breakers = core.breakers  # inline core.breaker(host): this is every attempt's path
+        breaker = breakers.get(host) if breakers is not None else None
+        permit = None
+        if breaker is not None:
+            try:
+                permit = breaker.admit()
+            except CircuitOpenError as exc:
+                if hooks.on_open is None:
+                    raise
+                raise hooks.on_open(exc, subject) from exc
+        self._core = core
+        self._host = host
+        self._deadline_at = deadline_at
+        self._subject = subject
+        self._hooks = hooks
+        self._breaker = breaker
+        self._permit = permit
+        self._slot = False  # the host has a bulkhead (known once waited)
+        self._release: Callable[[], None] | None = None  # set while we hold a slot
+        self._started = core.clock.now()
+
+    def __enter__(self) -> Admission[Q]:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is not None and self._permit is not None:
+            self._record(self._failure_outcome(exc))
+        release = self._release
+        if release is not None:
+            self._release = None
+            release()
+
+    def wait_sync(self) -> float | None:
+        """Pace (sleeping on the clock) and take a bulkhead slot; returns the attempt timeout."""
+        core = self._core
+        slot = core.sync_slot(self._host)
+        self._slot = slot is not None
+        wait = core.pace(self._host, self._deadline_at)
+        if wait > 0:
+            core.clock.sleep_sync(wait)
+        timeout = core.attempt_timeout(self._deadline_at)
+        if slot is not None:
+            if not slot.acquire(timeout=timeout):
+                raise self._no_slot(timeout)
+            self._release = slot.release
+        return timeout
+
+    async def wait(self) -> float | None:
+        """The async :meth:`wait_sync`: nothing blocks the event loop."""
+        core = self._core
+        slot = core.async_slot(self._host)
+        self._slot = slot is not None
+        wait = core.pace(self._host, self._deadline_at)
+        if wait > 0:
+            await core.clock.sleep(wait)
+        timeout = core.attempt_timeout(self._deadline_at)
+        if slot is not None:
+            try:
+                async with asyncio.timeout(timeout):
+                    await slot.acquire()
+            except TimeoutError:
+                raise self._no_slot(timeout) from None
+            self._release = slot.release
+        return timeout
+
+    def succeeded(self, status: int | None = None) -> None:
+        """Record a completed attempt: by its HTTP status, or a plain success without one."""
+        if self._permit is not None:
+            self._record(
+                Outcome.SUCCESS
+                if status is None
+                else classify_status(status, self._core.policy.breaker)
+            )
+
+    def streaming(self, status: int) -> Callable[[], None] | None:
+        """:meth:`succeeded` for a response whose body is still to be read: returns the
+        slot's release (None without a slot), which the caller now owns, to call when the
+        body is closed; the slot stays taken until then."""
+        permit = self._permit
+        if permit is not None:  # _record inlined: this is the async transport's fast path
+            self._permit = None
+            core = self._core
+            assert self._breaker is not None
+            outcome = classify_status(status, core.policy.breaker)
+            self._breaker.record(permit, outcome, core.clock.now() - self._started)
+        release, self._release = self._release, None
+        return release
+
+    def _no_slot(self, timeout: float | None) -> BaseException:
+        on_no_slot = self._hooks.on_no_slot
+        if on_no_slot is None:
+            return BulkheadTimeout(self._host, timeout)
+        return on_no_slot(self._host, timeout, self._subject)
+
+    def _failure_outcome(self, exc: BaseException) -> Outcome:
+        outcome_of = self._hooks.outcome_of
+        if outcome_of is not None:
+            return outcome_of(self._core, exc)
+        if isinstance(exc, RateLimitWaitTooLong) or (self._slot and self._release is None):
+            return Outcome.NEUTRAL  # a local condition: nothing reached the host
+        return self._core.breaker_outcome_exception(exc)
+
+    def _record(self, outcome: Outcome) -> None:
+        permit, self._permit = self._permit, None
+        assert permit is not None and self._breaker is not None
+        self._breaker.record(permit, outcome, self._core.clock.now() - self._started)

@@ -14,8 +14,8 @@ import functools
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, ParamSpec, TypeVar
 
-from seawall.breaker import BreakerRegistry, Outcome
-from seawall.client._pipeline import BulkheadTimeout, ClientCore, RateLimitWaitTooLong
+from seawall.breaker import BreakerRegistry
+from seawall.client._pipeline import Admission, ClientCore, CoreAccess
 from seawall.clock import SYSTEM_CLOCK, Clock
 from seawall.errors import SeawallError
 from seawall.events import EventBus
@@ -48,7 +48,7 @@ def default_retry_on(exc: BaseException) -> bool:
     )
 
 
-class Resilient(Generic[P, R]):
+class Resilient(CoreAccess, Generic[P, R]):
     """A guarded async callable; also ``await guard.call(fn, *args)`` for one-off calls."""
 
     def __init__(
@@ -76,14 +76,6 @@ class Resilient(Generic[P, R]):
         if fn is not None:
             functools.update_wrapper(self, fn)
 
-    @property
-    def breakers(self) -> BreakerRegistry | None:
-        return self._core.breakers
-
-    @property
-    def budgets(self) -> RetryBudget:
-        return self._core.budget
-
     async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         assert self._fn is not None, "Resilient without a function: use .call(fn, ...)"
         return await self.call(self._fn, *args, **kwargs)
@@ -110,16 +102,7 @@ class Resilient(Generic[P, R]):
             if not self.idempotent or not self._judge(exc).retryable:
                 raise
             first: BaseException = exc
-        call: RetryCall[R] = RetryCall(
-            host=host,
-            policy=core.policy.retry,
-            deadline_at=deadline_at,
-            budget=core.budget,
-            judge_result=lambda _r: FINAL,
-            judge_exception=self._judge,
-            clock=core.clock,
-            events=core.bus,
-        )
+        call: RetryCall[R] = core.retry_call(host, deadline_at, lambda _r: FINAL, self._judge)
         return await call.resume(first, attempt)
 
     async def _attempt(
@@ -129,38 +112,12 @@ class Resilient(Generic[P, R]):
         kwargs: dict[str, Any],
         deadline_at: float,
     ) -> R:
-        core = self._core
-        breaker = core.breaker(self.host)
-        permit = breaker.admit() if breaker is not None else None  # CircuitOpenError as is
-        clock = core.clock
-        started = clock.now()
-        slot = core.async_slot(self.host)
-        acquired = False
-        try:
-            wait = core.pace(self.host, deadline_at)
-            if wait > 0:
-                await clock.sleep(wait)
-            timeout = core.attempt_timeout(deadline_at)
-            if slot is not None:
-                try:
-                    async with asyncio.timeout(timeout):
-                        await slot.acquire()
-                except TimeoutError:
-                    raise BulkheadTimeout(self.host, timeout) from None
-                acquired = True
+        # CircuitOpenError and BulkheadTimeout are raised as they are: no face types here.
+        with Admission(self._core, self.host, deadline_at, None) as admission:
+            timeout = await admission.wait()
             async with asyncio.timeout(timeout):
                 result = await fn(*args, **kwargs)
-        except BaseException as exc:
-            if permit is not None and breaker is not None:
-                local = isinstance(exc, RateLimitWaitTooLong) or (slot is not None and not acquired)
-                outcome = Outcome.NEUTRAL if local else core.breaker_outcome_exception(exc)
-                breaker.record(permit, outcome, clock.now() - started)
-            raise
-        finally:
-            if acquired and slot is not None:
-                slot.release()
-        if permit is not None and breaker is not None:
-            breaker.record(permit, Outcome.SUCCESS, clock.now() - started)
+            admission.succeeded()
         return result
 
 

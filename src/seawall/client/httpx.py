@@ -17,13 +17,20 @@ import asyncio
 import math
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Generic, TypeVar
 
 import httpx
 
 from seawall.breaker import BreakerRegistry, CircuitOpenError, Outcome
 from seawall.cache.fallback import FallbackCache
-from seawall.client._pipeline import ClientCore, RateLimitWaitTooLong, is_immutable_url
+from seawall.client._pipeline import (
+    Admission,
+    ClientCore,
+    CoreAccess,
+    FaceHooks,
+    RateLimitWaitTooLong,
+    is_immutable_url,
+)
 from seawall.client.cache import FallbackCacheSyncTransport, FallbackCacheTransport
 from seawall.clock import SYSTEM_CLOCK, Clock
 from seawall.events import Event, EventBus
@@ -36,6 +43,8 @@ __all__ = [
     "ResilientSyncTransport",
     "ResilientTransport",
 ]
+
+T = TypeVar("T", httpx.AsyncBaseTransport, httpx.BaseTransport)  # the wrapped transport
 
 # Errors after which the same idempotent request may well succeed on another attempt.
 # PoolTimeout is local (our own pool or bulkhead is full): retrying adds load, not luck.
@@ -88,73 +97,32 @@ def _breaker_outcome(core: ClientCore, exc: BaseException) -> Outcome:
     return core.breaker_outcome_exception(exc)
 
 
+def _pool_timeout(host: str, timeout: float | None, request: httpx.Request) -> httpx.PoolTimeout:
+    """A full bulkhead, as httpx reports its own full pool: local, not retried."""
+    return httpx.PoolTimeout(
+        f"no free slot for {host} (max_concurrency) within {timeout:.3f}s", request=request
+    )
+
+
+_HOOKS = FaceHooks(CircuitOpenTransportError, _pool_timeout, _breaker_outcome)
+
+
 def _replayable(request: httpx.Request) -> bool:
     return isinstance(request.stream, httpx.ByteStream)
 
 
-class _Base:
-    __slots__ = ("_core", "_groups")
+class _Base(CoreAccess, Generic[T]):
+    """What the async and sync transports share: construction, the decisions, the views.
+
+    ``T`` is the kind of httpx transport wrapped (async or sync); subclasses say which
+    one to make when none is given and how to put a cache in front of themselves.
+    """
+
+    __slots__ = ("_core", "_front", "_groups", "_inner")
 
     def __init__(
         self,
-        policy: ClientPolicy | None,
-        clock: Clock,
-        events: EventBus | None,
-        breakers: BreakerRegistry | None,
-        budgets: RetryBudget | None,
-    ) -> None:
-        self._core = ClientCore(
-            policy, clock=clock, events=events, breakers=breakers, budgets=budgets
-        )
-
-    @property
-    def policy(self) -> ClientPolicy:
-        return self._core.policy
-
-    @property
-    def breakers(self) -> BreakerRegistry | None:
-        return self._core.breakers
-
-    @property
-    def budgets(self) -> RetryBudget:
-        return self._core.budget
-
-    def _may_retry(self, request: httpx.Request, replayable: bool) -> bool:
-        """Safe method (or idempotency key / opt-in) and a body that can be sent again
-        (judged before the first attempt: a transport may buffer a streamed body)."""
-        return replayable and self._core.may_retry(request.method, request.headers)
-
-    def _judge_response(self, response: httpx.Response) -> Verdict:
-        status = response.status_code
-        if status not in self._core.policy.retry.retry_statuses:
-            return FINAL  # the common case: no header lookup
-        return self._core.judge_status(status, response.headers.get("retry-after"))
-
-    def _retry_call(self, host: str, deadline_at: float) -> RetryCall[httpx.Response]:
-        c = self._core
-        return RetryCall(
-            host=host,
-            policy=c.policy.retry,
-            deadline_at=deadline_at,
-            budget=c.budget,
-            judge_result=self._judge_response,
-            judge_exception=_judge_exception,
-            clock=c.clock,
-            events=c.bus,
-        )
-
-
-# --------------------------------------------------------------------------- async
-
-
-class ResilientTransport(_Base, httpx.AsyncBaseTransport):
-    """Async transport: budgeted retries, per-host breaker, limits, coalescing."""
-
-    __slots__ = ("_front", "_inner")
-
-    def __init__(
-        self,
-        inner: httpx.AsyncBaseTransport | None = None,
+        inner: T | None = None,
         policy: ClientPolicy | None = None,
         *,
         clock: Clock = SYSTEM_CLOCK,
@@ -163,10 +131,60 @@ class ResilientTransport(_Base, httpx.AsyncBaseTransport):
         budgets: RetryBudget | None = None,
         cache: FallbackCache | None = None,
     ) -> None:
-        super().__init__(policy, clock, events, breakers, budgets)
-        self._inner = inner if inner is not None else httpx.AsyncHTTPTransport()
-        self._groups: dict[tuple[str, ...], _Group] = {}
-        self._front = None if cache is None else FallbackCacheTransport(_Behind(self), cache)
+        self._core = ClientCore(
+            policy, clock=clock, events=events, breakers=breakers, budgets=budgets
+        )
+        self._inner: T = inner if inner is not None else self._default_inner()
+        self._groups: dict[tuple[str, ...], _Group] = {}  # coalescing (async face only)
+        self._front: T | None = None if cache is None else self._cache_front(cache)
+
+    def _default_inner(self) -> T:
+        raise NotImplementedError
+
+    def _cache_front(self, cache: FallbackCache) -> T:
+        raise NotImplementedError
+
+    @property
+    def policy(self) -> ClientPolicy:
+        return self._core.policy
+
+    def _may_retry(self, request: httpx.Request, replayable: bool) -> bool:
+        """Safe method (or idempotency key / opt-in) and a body that can be sent again
+        (judged before the first attempt: a transport may buffer a streamed body)."""
+        return replayable and self._core.may_retry(request.method, request.headers)
+
+    def _retry_response(
+        self, response: httpx.Response, request: httpx.Request, replayable: bool
+    ) -> bool:
+        """Whether a first attempt's response calls for retries (the fast path's test: a
+        retryable status is all :meth:`_judge_response` would look at, so no verdict)."""
+        return response.status_code in self._core.policy.retry.retry_statuses and (
+            self._may_retry(request, replayable)
+        )
+
+    def _retry_error(self, exc: Exception, request: httpx.Request, replayable: bool) -> bool:
+        return _judge_exception(exc).retryable and self._may_retry(request, replayable)
+
+    def _judge_response(self, response: httpx.Response) -> Verdict:
+        return self._core.judge_response(response.status_code, response.headers)
+
+    def _retry_call(self, host: str, deadline_at: float) -> RetryCall[httpx.Response]:
+        return self._core.retry_call(host, deadline_at, self._judge_response, _judge_exception)
+
+
+# --------------------------------------------------------------------------- async
+
+
+class ResilientTransport(_Base[httpx.AsyncBaseTransport], httpx.AsyncBaseTransport):
+    """Async transport: budgeted retries, per-host breaker, limits, coalescing."""
+
+    __slots__ = ()
+
+    def _default_inner(self) -> httpx.AsyncBaseTransport:
+        return httpx.AsyncHTTPTransport()
+
+    def _cache_front(self, cache: FallbackCache) -> httpx.AsyncBaseTransport:
+        return FallbackCacheTransport(_Behind(self), cache)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if self._front is not None:
@@ -191,13 +209,11 @@ class ResilientTransport(_Base, httpx.AsyncBaseTransport):
         try:
             first = await self._attempt(request, host, deadline_at)
         except Exception as exc:  # CancelledError is a BaseException: it propagates at once
-            if not _judge_exception(exc).retryable or not self._may_retry(request, replayable):
+            if not self._retry_error(exc, request, replayable):
                 raise
             first = exc
         else:
-            if not self._judge_response(first).retryable or not self._may_retry(
-                request, replayable
-            ):
+            if not self._retry_response(first, request, replayable):
                 return first  # the fast path: no tenacity on success
         return await self._retry_call(host, deadline_at).resume(
             first, lambda: self._attempt(request, host, deadline_at), _aclose
@@ -207,32 +223,8 @@ class ResilientTransport(_Base, httpx.AsyncBaseTransport):
         self, request: httpx.Request, host: str, deadline_at: float
     ) -> httpx.Response:
         core = self._core
-        breaker = core.breaker(host)
-        permit = None
-        if breaker is not None:
-            try:
-                permit = breaker.admit()
-            except CircuitOpenError as exc:
-                raise CircuitOpenTransportError(exc, request) from exc
-        clock = core.clock
-        started = clock.now()
-        slot = core.async_slot(host)
-        acquired = False
-        try:
-            wait = core.pace(host, deadline_at)
-            if wait > 0:
-                await clock.sleep(wait)
-            timeout = core.attempt_timeout(deadline_at)
-            if slot is not None:
-                try:
-                    async with asyncio.timeout(timeout):
-                        await slot.acquire()
-                except TimeoutError:
-                    raise httpx.PoolTimeout(
-                        f"no free slot for {host} (max_concurrency) within {timeout:.3f}s",
-                        request=request,
-                    ) from None
-                acquired = True
+        with Admission(core, host, deadline_at, request, _HOOKS) as admission:
+            timeout = await admission.wait() if core.limited else core.attempt_timeout(deadline_at)
             try:
                 async with asyncio.timeout(timeout):
                     response = await self._inner.handle_async_request(request)
@@ -241,21 +233,12 @@ class ResilientTransport(_Base, httpx.AsyncBaseTransport):
                     f"no response from {host} within the attempt timeout of {timeout:.3f}s",
                     request=request,
                 ) from None
-        except BaseException as exc:
-            if acquired and slot is not None:
-                slot.release()
-            if permit is not None and breaker is not None:
-                breaker.record(permit, _breaker_outcome(core, exc), clock.now() - started)
-            raise
-        if permit is not None and breaker is not None:
-            breaker.record(
-                permit, core.breaker_outcome_status(response.status_code), clock.now() - started
-            )
-        if acquired and slot is not None:
-            if response.is_closed:  # the body is already in memory (a prebuilt response)
-                slot.release()
-            else:
-                response.stream = _ReleasingAsyncStream(response.stream, slot.release)  # type: ignore[arg-type]
+            release = admission.streaming(response.status_code)
+            if release is not None:
+                if response.is_closed:  # the body is already in memory (a prebuilt response)
+                    release()
+                else:
+                    response.stream = _ReleasingAsyncStream(response.stream, release)  # type: ignore[arg-type]
         return response
 
     # ---- coalescing
@@ -486,27 +469,16 @@ async def _aclose(response: httpx.Response) -> None:
 # --------------------------------------------------------------------------- sync
 
 
-class ResilientSyncTransport(_Base, httpx.BaseTransport):
+class ResilientSyncTransport(_Base[httpx.BaseTransport], httpx.BaseTransport):
     """Sync transport: the same pipeline for ``httpx.Client`` (no coalescing)."""
 
-    __slots__ = ("_front", "_inner")
+    __slots__ = ()
 
-    def __init__(
-        self,
-        inner: httpx.BaseTransport | None = None,
-        policy: ClientPolicy | None = None,
-        *,
-        clock: Clock = SYSTEM_CLOCK,
-        events: EventBus | None = None,
-        breakers: BreakerRegistry | None = None,
-        budgets: RetryBudget | None = None,
-        cache: FallbackCache | None = None,
-    ) -> None:
-        super().__init__(policy, clock, events, breakers, budgets)
-        self._inner = inner if inner is not None else httpx.HTTPTransport()
-        self._front = (
-            None if cache is None else FallbackCacheSyncTransport(_SyncBehind(self), cache)
-        )
+    def _default_inner(self) -> httpx.BaseTransport:
+        return httpx.HTTPTransport()
+
+    def _cache_front(self, cache: FallbackCache) -> httpx.BaseTransport:
+        return FallbackCacheSyncTransport(_SyncBehind(self), cache)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         if self._front is not None:
@@ -522,60 +494,26 @@ class ResilientSyncTransport(_Base, httpx.BaseTransport):
         try:
             first = self._attempt(request, host, deadline_at)
         except Exception as exc:
-            if not _judge_exception(exc).retryable or not self._may_retry(request, replayable):
+            if not self._retry_error(exc, request, replayable):
                 raise
             first = exc
         else:
-            if not self._judge_response(first).retryable or not self._may_retry(
-                request, replayable
-            ):
+            if not self._retry_response(first, request, replayable):
                 return first
         return self._retry_call(host, deadline_at).resume_sync(
             first, lambda: self._attempt(request, host, deadline_at), httpx.Response.close
         )
 
     def _attempt(self, request: httpx.Request, host: str, deadline_at: float) -> httpx.Response:
-        core = self._core
-        breaker = core.breaker(host)
-        permit = None
-        if breaker is not None:
-            try:
-                permit = breaker.admit()
-            except CircuitOpenError as exc:
-                raise CircuitOpenTransportError(exc, request) from exc
-        clock = core.clock
-        started = clock.now()
-        slot = core.sync_slot(host)
-        acquired = False
-        try:
-            wait = core.pace(host, deadline_at)
-            if wait > 0:
-                clock.sleep_sync(wait)
-            timeout = core.attempt_timeout(deadline_at)
-            if slot is not None:
-                if not slot.acquire(timeout=timeout):
-                    raise httpx.PoolTimeout(
-                        f"no free slot for {host} (max_concurrency) within {timeout:.3f}s",
-                        request=request,
-                    )
-                acquired = True
-            _cap_timeouts(request, timeout)
+        with Admission(self._core, host, deadline_at, request, _HOOKS) as admission:
+            _cap_timeouts(request, admission.wait_sync())
             response = self._inner.handle_request(request)
-        except BaseException as exc:
-            if acquired and slot is not None:
-                slot.release()
-            if permit is not None and breaker is not None:
-                breaker.record(permit, _breaker_outcome(core, exc), clock.now() - started)
-            raise
-        if permit is not None and breaker is not None:
-            breaker.record(
-                permit, core.breaker_outcome_status(response.status_code), clock.now() - started
-            )
-        if acquired and slot is not None:
-            if response.is_closed:
-                slot.release()
-            else:
-                response.stream = _ReleasingSyncStream(response.stream, slot.release)  # type: ignore[arg-type]
+            release = admission.streaming(response.status_code)
+            if release is not None:
+                if response.is_closed:
+                    release()
+                else:
+                    response.stream = _ReleasingSyncStream(response.stream, release)  # type: ignore[arg-type]
         return response
 
     def close(self) -> None:

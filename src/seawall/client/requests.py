@@ -16,12 +16,12 @@ import requests
 from requests.adapters import HTTPAdapter
 from requests.models import PreparedRequest, Response
 
-from seawall.breaker import BreakerRegistry, CircuitOpenError, Outcome
-from seawall.client._pipeline import ClientCore, RateLimitWaitTooLong
+from seawall.breaker import BreakerRegistry, CircuitOpenError
+from seawall.client._pipeline import Admission, ClientCore, CoreAccess, FaceHooks
 from seawall.clock import SYSTEM_CLOCK, Clock
 from seawall.events import EventBus
 from seawall.policy.retry import ClientPolicy
-from seawall.retry import FINAL, RetryBudget, RetryCall, Verdict
+from seawall.retry import FINAL, RetryBudget, Verdict
 
 __all__ = ["CircuitOpenRequestsError", "ResilientAdapter"]
 
@@ -61,7 +61,7 @@ def _host(url: str | None) -> str:
     return f"{host}:{parts.port}" if parts.port else host
 
 
-class ResilientAdapter(HTTPAdapter):
+class ResilientAdapter(CoreAccess, HTTPAdapter):
     """``HTTPAdapter`` with budgeted retries, a per-host breaker, and optional limits."""
 
     def __init__(
@@ -83,14 +83,6 @@ class ResilientAdapter(HTTPAdapter):
     @property
     def policy(self) -> ClientPolicy:
         return self._core.policy
-
-    @property
-    def breakers(self) -> BreakerRegistry | None:
-        return self._core.breakers
-
-    @property
-    def budgets(self) -> RetryBudget:
-        return self._core.budget
 
     def send(
         self,
@@ -121,23 +113,11 @@ class ResilientAdapter(HTTPAdapter):
         else:
             if not allowed or not self._judge_response(first).retryable:
                 return first
-        call: RetryCall[Response] = RetryCall(
-            host=host,
-            policy=core.policy.retry,
-            deadline_at=deadline_at,
-            budget=core.budget,
-            judge_result=self._judge_response,
-            judge_exception=_judge_exception,
-            clock=core.clock,
-            events=core.bus,
-        )
+        call = core.retry_call(host, deadline_at, self._judge_response, _judge_exception)
         return call.resume_sync(first, attempt, Response.close)
 
     def _judge_response(self, response: Response) -> Verdict:
-        status = response.status_code
-        if status not in self._core.policy.retry.retry_statuses:
-            return FINAL
-        return self._core.judge_status(status, response.headers.get("retry-after"))
+        return self._core.judge_response(response.status_code, response.headers)
 
     def _attempt(
         self,
@@ -150,30 +130,8 @@ class ResilientAdapter(HTTPAdapter):
         cert: Any,
         proxies: Mapping[str, str] | None,
     ) -> Response:
-        core = self._core
-        breaker = core.breaker(host)
-        permit = None
-        if breaker is not None:
-            try:
-                permit = breaker.admit()
-            except CircuitOpenError as exc:
-                raise CircuitOpenRequestsError(exc, request) from exc
-        clock = core.clock
-        started = clock.now()
-        slot = core.sync_slot(host)
-        acquired = False
-        try:
-            wait = core.pace(host, deadline_at)
-            if wait > 0:
-                clock.sleep_sync(wait)
-            limit = core.attempt_timeout(deadline_at)
-            if slot is not None:
-                if not slot.acquire(timeout=limit):
-                    raise requests.exceptions.ConnectTimeout(
-                        f"no free slot for {host} (max_concurrency) within {limit}s",
-                        request=request,
-                    )
-                acquired = True
+        with Admission(self._core, host, deadline_at, request, _HOOKS) as admission:
+            limit = admission.wait_sync()
             response = super().send(
                 request,
                 stream,
@@ -182,23 +140,20 @@ class ResilientAdapter(HTTPAdapter):
                 cert,
                 proxies,
             )
-        except BaseException as exc:
-            if permit is not None and breaker is not None:
-                outcome = (
-                    Outcome.NEUTRAL
-                    if isinstance(exc, RateLimitWaitTooLong) or (slot is not None and not acquired)
-                    else core.breaker_outcome_exception(exc)
-                )
-                breaker.record(permit, outcome, clock.now() - started)
-            raise
-        finally:
-            if acquired and slot is not None:
-                slot.release()  # requests: the bulkhead covers the time to the headers
-        if permit is not None and breaker is not None:
-            breaker.record(
-                permit, core.breaker_outcome_status(response.status_code), clock.now() - started
-            )
-        return response
+            admission.succeeded(response.status_code)
+        return response  # requests: the bulkhead covered the time to the headers
+
+
+def _no_slot(
+    host: str, limit: float | None, request: PreparedRequest
+) -> requests.exceptions.ConnectTimeout:
+    """A full bulkhead, as requests reports a connection not made in time (breaker: NEUTRAL)."""
+    return requests.exceptions.ConnectTimeout(
+        f"no free slot for {host} (max_concurrency) within {limit}s", request=request
+    )
+
+
+_HOOKS = FaceHooks(CircuitOpenRequestsError, _no_slot)
 
 
 def _cap(
