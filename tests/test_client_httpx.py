@@ -636,3 +636,30 @@ async def test_tee_keeps_only_what_the_slowest_open_reader_still_needs() -> None
     assert tee._chunks == [] and closed == []  # the fast reader is still open
     await fast.aclose()
     assert closed == [True]  # the upstream body is closed once, by the last reader
+
+
+@pytest.mark.parametrize(("marked", "expected"), [(True, "closed"), (False, "open")])
+async def test_a_shed_answer_does_not_trip_the_breaker(
+    clock: ManualClock, marked: bool, expected: str
+) -> None:
+    """A 503 that seawall's shedder marks is a live server pacing us (Retry-After does
+    that job); an unmarked 503 is an unhealthy upstream and counts against the breaker."""
+    from seawall.shed import SHED_HEADER
+
+    headers = {"retry-after": "1", **({SHED_HEADER: "1"} if marked else {})}
+    upstream = httpx.MockTransport(lambda request: httpx.Response(503, headers=headers))
+    policy = ClientPolicy(retry=RetryPolicy(attempts=1), breaker=BreakerPolicy(minimum_calls=5))
+    transport = ResilientTransport(upstream, policy, clock=clock)
+    refused = 0
+    async with httpx.AsyncClient(transport=transport) as client:
+        for _ in range(10):
+            try:
+                r = await client.get("https://registry.test/v2/app/manifests/latest")
+            except CircuitOpenTransportError:
+                refused += 1
+            else:
+                assert r.status_code == 503
+    assert (refused > 0) == (expected == "open")
+    breakers = transport.breakers
+    assert breakers is not None
+    assert breakers.get("registry.test").state.value == expected

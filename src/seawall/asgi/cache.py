@@ -18,10 +18,11 @@ from seawall.cache.keys import RequestInfo
 from seawall.clock import SYSTEM_CLOCK, Clock
 from seawall.events import EventBus
 from seawall.policy.cache import CachePolicy
+from seawall.shed import SHED_HEADER as _SHED_HEADER
 
 __all__ = ["SHED_HEADER", "FallbackCacheMiddleware"]
 
-SHED_HEADER = b"x-seawall-shed"
+SHED_HEADER = _SHED_HEADER.encode("latin-1")
 
 
 def request_info(scope: Scope) -> RequestInfo:

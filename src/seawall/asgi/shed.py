@@ -23,11 +23,12 @@ from seawall.asgi._http import retry_after_seconds, send_problem
 from seawall.clock import SYSTEM_CLOCK, Clock
 from seawall.events import EventBus
 from seawall.policy.shed import ShedPolicy
+from seawall.shed import SHED_HEADER as _SHED_HEADER
 from seawall.shed import ConcurrencyLimiter, Permit, Rejection, Waiter
 
 __all__ = ["SHED_HEADER", "LoadShedMiddleware"]
 
-SHED_HEADER = b"x-seawall-shed"
+SHED_HEADER = _SHED_HEADER.encode("latin-1")
 """Response header set on every 503 produced by shedding (value ``1``)."""
 
 

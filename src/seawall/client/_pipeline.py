@@ -28,6 +28,7 @@ from seawall.breaker import (
 from seawall.clock import SYSTEM_CLOCK, Clock
 from seawall.errors import SeawallError
 from seawall.events import DEFAULT_BUS, EventBus
+from seawall.policy.breaker import BreakerPolicy
 from seawall.policy.retry import ClientPolicy
 from seawall.retry import FINAL, RetryBudget, RetryCall, Verdict, parse_retry_after
 
@@ -409,16 +410,22 @@ class Admission(Generic[Q]):
             self._release = slot.release
         return timeout
 
-    def succeeded(self, status: int | None = None) -> None:
-        """Record a completed attempt: by its HTTP status, or a plain success without one."""
+    def succeeded(self, status: int | None = None, *, shed: bool = False) -> None:
+        """Record a completed attempt: by its HTTP status, or a plain success without one.
+
+        ``shed``: the answer carries seawall's shed marker (``SHED_HEADER``). A server that
+        sheds is alive and paces us with Retry-After, which the retry budget already
+        honours; counting it as a failure would open client breakers in lockstep on a
+        healthy server and keep them open after the surge (measured in the replay lab).
+        """
         if self._permit is not None:
             self._record(
                 Outcome.SUCCESS
                 if status is None
-                else classify_status(status, self._core.policy.breaker)
+                else _status_outcome(status, shed, self._core.policy.breaker)
             )
 
-    def streaming(self, status: int) -> Callable[[], None] | None:
+    def streaming(self, status: int, *, shed: bool = False) -> Callable[[], None] | None:
         """:meth:`succeeded` for a response whose body is still to be read: returns the
         slot's release (None without a slot), which the caller now owns, to call when the
         body is closed; the slot stays taken until then."""
@@ -427,7 +434,7 @@ class Admission(Generic[Q]):
             self._permit = None
             core = self._core
             assert self._breaker is not None
-            outcome = classify_status(status, core.policy.breaker)
+            outcome = _status_outcome(status, shed, core.policy.breaker)
             self._breaker.record(permit, outcome, core.clock.now() - self._started)
         release, self._release = self._release, None
         return release
@@ -450,3 +457,8 @@ class Admission(Generic[Q]):
         permit, self._permit = self._permit, None
         assert permit is not None and self._breaker is not None
         self._breaker.record(permit, outcome, self._core.clock.now() - self._started)
+
+
+def _status_outcome(status: int, shed: bool, policy: BreakerPolicy | None) -> Outcome:
+    """What an HTTP answer says about the host; seawall's own shed answer is neutral."""
+    return Outcome.NEUTRAL if shed else classify_status(status, policy)

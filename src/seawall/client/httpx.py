@@ -36,6 +36,7 @@ from seawall.clock import SYSTEM_CLOCK, Clock
 from seawall.events import Event, EventBus
 from seawall.policy.retry import ClientPolicy
 from seawall.retry import FINAL, RetryBudget, RetryCall, Verdict
+from seawall.shed import SHED_HEADER
 
 __all__ = [
     "CircuitOpenTransportError",
@@ -233,7 +234,8 @@ class ResilientTransport(_Base[httpx.AsyncBaseTransport], httpx.AsyncBaseTranspo
                     f"no response from {host} within the attempt timeout of {timeout:.3f}s",
                     request=request,
                 ) from None
-            release = admission.streaming(response.status_code)
+            shed = SHED_HEADER in response.headers
+            release = admission.streaming(response.status_code, shed=shed)
             if release is not None:
                 if response.is_closed:  # the body is already in memory (a prebuilt response)
                     release()
@@ -508,7 +510,8 @@ class ResilientSyncTransport(_Base[httpx.BaseTransport], httpx.BaseTransport):
         with Admission(self._core, host, deadline_at, request, _HOOKS) as admission:
             _cap_timeouts(request, admission.wait_sync())
             response = self._inner.handle_request(request)
-            release = admission.streaming(response.status_code)
+            shed = SHED_HEADER in response.headers
+            release = admission.streaming(response.status_code, shed=shed)
             if release is not None:
                 if response.is_closed:
                     release()

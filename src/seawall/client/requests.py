@@ -22,6 +22,7 @@ from seawall.clock import SYSTEM_CLOCK, Clock
 from seawall.events import EventBus
 from seawall.policy.retry import ClientPolicy
 from seawall.retry import FINAL, RetryBudget, Verdict
+from seawall.shed import SHED_HEADER
 
 __all__ = ["CircuitOpenRequestsError", "ResilientAdapter"]
 
@@ -140,7 +141,7 @@ class ResilientAdapter(CoreAccess, HTTPAdapter):
                 cert,
                 proxies,
             )
-            admission.succeeded(response.status_code)
+            admission.succeeded(response.status_code, shed=SHED_HEADER in response.headers)
         return response  # requests: the bulkhead covered the time to the headers
 
 
