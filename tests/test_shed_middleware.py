@@ -201,6 +201,38 @@ async def test_cancelled_queued_request_frees_its_place(clock: ManualClock) -> N
     assert app.limiter.in_flight == 0 and inner.runs == ["/a"]
 
 
+async def test_cancelled_while_the_disconnect_watch_winds_down(clock: ManualClock) -> None:
+    """The permit arrives, the watch on receive() is cancelled, and the request itself is
+    cancelled while that watch is still winding down (a server whose receive() is slow to
+    honour cancellation). The cancellation must propagate and the permit come back once."""
+    inner = GatedApp()
+    app = LoadShedMiddleware(inner, ONE_QUEUED, clock=clock)
+    a, b = Client(body()), Client()
+    slow = asyncio.Event()
+
+    async def slow_to_cancel_receive() -> Message:
+        try:
+            return await b.inbox.get()
+        except asyncio.CancelledError:
+            await slow.wait()
+            raise
+
+    run_a = asyncio.ensure_future(app(http_scope("/a"), a.receive, a.send))
+    await inner.started.wait()
+    run_b = asyncio.ensure_future(app(http_scope("/b"), slow_to_cancel_receive, b.send))
+    await settle()
+    inner.gate.set()
+    await run_a  # b is handed the permit; its watch is now winding down
+    await settle()
+    run_b.cancel()
+    await settle()
+    slow.set()
+    done, _ = await asyncio.wait({run_b}, timeout=5)  # bounded: a regression hangs here
+    assert run_b in done and run_b.cancelled()
+    assert inner.runs == ["/a"], "the app never runs for a cancelled request"
+    assert app.limiter.in_flight == 0 and app.limiter.queued == 0
+
+
 async def test_permit_is_released_once_when_the_app_raises_or_is_cancelled(
     clock: ManualClock,
 ) -> None:

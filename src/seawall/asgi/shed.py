@@ -131,6 +131,7 @@ class LoadShedMiddleware:
         kept: deque[Message] = deque()
         watch: asyncio.Future[Message] | None = None
         watching = True
+        cancelled_while_tidying = False
         try:
             while not fut.done():
                 if watching and watch is None:
@@ -167,9 +168,14 @@ class LoadShedMiddleware:
                     try:
                         await watch
                     except asyncio.CancelledError:
-                        pass
+                        task = asyncio.current_task()
+                        # the request itself was cancelled while the watch wound down
+                        cancelled_while_tidying = task is not None and task.cancelling() > 0
                     except Exception:  # the server's receive failed; the app will see it
                         pass
+        if cancelled_while_tidying:  # only reached when the wait itself ended normally
+            limiter.cancel(waiter)  # gives back the permit it was handed, exactly once
+            raise asyncio.CancelledError
         result = fut.result()
         if kept and isinstance(result, Permit):
             if any(m["type"] == "http.disconnect" for m in kept):
