@@ -103,6 +103,18 @@ def _shade(ax: Any, replay: ReplayResult) -> None:
         ax.axvline(t, color="#888888", lw=0.6, ls=":")
 
 
+def _save(fig: Any, ax: Any, replay: ReplayResult, path: Path, caption: str) -> tuple[str, str]:
+    """Finish a time-series chart the same way for all: clock axis, legend outside, PNG."""
+    import matplotlib.pyplot as plt  # already loaded by write_report; kept out of import time
+
+    _clock_axis(ax, replay)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return caption, path.name
+
+
 def _clock_axis(ax: Any, replay: ReplayResult) -> None:
     sched = replay.schedule
     n = max(2, int(sched.duration))
@@ -149,12 +161,7 @@ def _plots(replay: ReplayResult, out: Path) -> list[tuple[str, str]]:
             ax.axvline(c, color=color(r.scenario), lw=1, ls="-.", alpha=0.7)
     ax.set_ylabel("useful responses / s (by offer time)")
     ax.set_title(f"Goodput vs ideal: {title}  (dash-dot lines: crashes)")
-    _clock_axis(ax, replay)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out / "goodput.png")
-    plt.close(fig)
-    made.append(("Goodput over time against the ideal", "goodput.png"))
+    made.append(_save(fig, ax, replay, out / "goodput.png", "Goodput over time against the ideal"))
 
     # latency
     fig, ax = plt.subplots(figsize=(13, 4.8), dpi=110)
@@ -174,12 +181,7 @@ def _plots(replay: ReplayResult, out: Path) -> list[tuple[str, str]]:
     ax.set_yscale("log")
     ax.set_ylabel("ms until answered or given up (log)")
     ax.set_title(f"Latency percentiles per second: {title}")
-    _clock_axis(ax, replay)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out / "latency.png")
-    plt.close(fig)
-    made.append(("Latency percentiles", "latency.png"))
+    made.append(_save(fig, ax, replay, out / "latency.png", "Latency percentiles"))
 
     # queue depth + downtime
     fig, ax = plt.subplots(figsize=(13, 4.8), dpi=110)
@@ -207,12 +209,7 @@ def _plots(replay: ReplayResult, out: Path) -> list[tuple[str, str]]:
             )
     ax.set_ylabel("server accept queue (max per second)")
     ax.set_title(f"Server queue depth and downtime: {title}")
-    _clock_axis(ax, replay)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out / "queue.png")
-    plt.close(fig)
-    made.append(("Queue depth, crashes and downtime", "queue.png"))
+    made.append(_save(fig, ax, replay, out / "queue.png", "Queue depth, crashes and downtime"))
 
     # seawall's decisions
     protected = [r for r in results if r.series["events"]]
