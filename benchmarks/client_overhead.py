@@ -25,6 +25,7 @@ import gc
 import statistics
 import time
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import httpx
 import stamina
@@ -34,22 +35,24 @@ from seawall.client.httpx import ResilientTransport
 
 URL = "http://registry.test/v2/library/alpine/manifests/3.20"
 Call = Callable[[], Awaitable[object]]
+A = TypeVar("A")
 
 
 def _answer(request: httpx.Request) -> httpx.Response:
     return httpx.Response(200, content=b"{}")
 
 
-def transport_variants() -> dict[str, Call]:
-    bare = httpx.MockTransport(_answer)
-    seawall = ResilientTransport(httpx.MockTransport(_answer))
-    request = httpx.Request("GET", URL)
+def _variants(
+    bare: Callable[[A], Awaitable[object]], seawall: Callable[[A], Awaitable[object]], arg: A
+) -> dict[str, Call]:
+    """The four variants of one call, each calling its target directly (no extra frame);
+    the peers are configured here once for both levels."""
 
     async def v_bare() -> object:
-        return await bare.handle_async_request(request)
+        return await bare(arg)
 
     async def v_seawall() -> object:
-        return await seawall.handle_async_request(request)
+        return await seawall(arg)
 
     async def v_tenacity() -> object:
         retrying = tenacity.AsyncRetrying(
@@ -58,44 +61,28 @@ def transport_variants() -> dict[str, Call]:
             retry=tenacity.retry_if_exception_type(httpx.TransportError),
             reraise=True,
         )
-        return await retrying(bare.handle_async_request, request)
+        return await retrying(bare, arg)
 
     async def v_stamina() -> object:
         async for attempt in stamina.retry_context(on=httpx.TransportError, attempts=4):
             with attempt:
-                return await bare.handle_async_request(request)
+                return await bare(arg)
         raise AssertionError("unreachable")
 
     return {"bare": v_bare, "seawall": v_seawall, "tenacity": v_tenacity, "stamina": v_stamina}
 
 
+def transport_variants() -> dict[str, Call]:
+    bare = httpx.MockTransport(_answer)
+    seawall = ResilientTransport(httpx.MockTransport(_answer))
+    request = httpx.Request("GET", URL)
+    return _variants(bare.handle_async_request, seawall.handle_async_request, request)
+
+
 def client_variants() -> tuple[dict[str, Call], list[httpx.AsyncClient]]:
     bare = httpx.AsyncClient(transport=httpx.MockTransport(_answer))
     seawall = httpx.AsyncClient(transport=ResilientTransport(httpx.MockTransport(_answer)))
-
-    async def v_bare() -> object:
-        return await bare.get(URL)
-
-    async def v_seawall() -> object:
-        return await seawall.get(URL)
-
-    async def v_tenacity() -> object:
-        retrying = tenacity.AsyncRetrying(
-            stop=tenacity.stop_after_attempt(4),
-            wait=tenacity.wait_random_exponential(multiplier=0.5, max=10),
-            retry=tenacity.retry_if_exception_type(httpx.TransportError),
-            reraise=True,
-        )
-        return await retrying(bare.get, URL)
-
-    async def v_stamina() -> object:
-        async for attempt in stamina.retry_context(on=httpx.TransportError, attempts=4):
-            with attempt:
-                return await bare.get(URL)
-        raise AssertionError("unreachable")
-
-    calls = {"bare": v_bare, "seawall": v_seawall, "tenacity": v_tenacity, "stamina": v_stamina}
-    return calls, [bare, seawall]
+    return _variants(bare.get, seawall.get, URL), [bare, seawall]
 
 
 async def per_call(fn: Call, n: int) -> float:
