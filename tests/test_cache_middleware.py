@@ -66,7 +66,7 @@ class Upstream:
                 {
                     "type": "http.response.start",
                     "status": 503,
-                    "headers": [(b"x-seawall-shed", b"1"), (b"retry-after", b"2")],
+                    "headers": [(b"x-seawall-refused", b"shed"), (b"retry-after", b"2")],
                 }
             )
             await send({"type": "http.response.body", "body": b"shed"})

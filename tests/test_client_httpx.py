@@ -644,9 +644,9 @@ async def test_a_shed_answer_does_not_trip_the_breaker(
 ) -> None:
     """A 503 that seawall's shedder marks is a live server pacing us (Retry-After does
     that job); an unmarked 503 is an unhealthy upstream and counts against the breaker."""
-    from seawall.shed import SHED_HEADER
+    from seawall.protocol import REFUSED_HEADER
 
-    headers = {"retry-after": "1", **({SHED_HEADER: "1"} if marked else {})}
+    headers = {"retry-after": "1", **({REFUSED_HEADER: "shed"} if marked else {})}
     upstream = httpx.MockTransport(lambda request: httpx.Response(503, headers=headers))
     policy = ClientPolicy(retry=RetryPolicy(attempts=1), breaker=BreakerPolicy(minimum_calls=5))
     transport = ResilientTransport(upstream, policy, clock=clock)

@@ -53,5 +53,5 @@ async def test_a_shed_request_is_answered_from_the_cache(clock: ManualClock) -> 
     assert shed_but_served.status_code == 200
     assert shed_but_served.content == MANIFEST
     assert shed_but_served.headers["x-seawall-cache"] == "stale"
-    assert uncached.status_code == 503 and uncached.headers["x-seawall-shed"] == "1"
+    assert uncached.status_code == 503 and uncached.headers["x-seawall-refused"] == "shed"
     assert int(uncached.headers["retry-after"]) >= 1

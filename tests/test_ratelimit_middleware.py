@@ -76,6 +76,8 @@ async def test_429_carries_retry_after_ratelimit_fields_and_problem_json(
     assert limited.headers["ratelimit"] == '"default";r=0;t=50'
     assert limited.headers["ratelimit-policy"] == '"default";q=2;w=60'
     assert limited.headers["content-type"] == "application/problem+json"
+    assert limited.headers["x-seawall-refused"] == "rate-limit"  # the app never ran
+    assert "x-seawall-refused" not in first.headers
     body = limited.json()
     assert body["status"] == 429
     assert body["retry_after"] == 50

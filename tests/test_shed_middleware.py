@@ -15,10 +15,11 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import Message
 
-from seawall.asgi.shed import SHED_HEADER, LoadShedMiddleware
+from seawall.asgi.shed import LoadShedMiddleware
 from seawall.clock import ManualClock
 from seawall.events import Event, EventBus
 from seawall.policy.shed import ShedPolicy
+from seawall.protocol import REFUSED_HEADER
 from seawall.shed import RequestShed
 
 ONE = ShedPolicy(adaptive=False, initial_limit=1, min_limit=1, max_queue_length=0)
@@ -121,7 +122,7 @@ async def test_shed_response_is_a_503_problem_with_retry_after(clock: ManualCloc
     assert shed.status_code == 503
     assert shed.headers["content-type"] == "application/problem+json"
     assert int(shed.headers["retry-after"]) >= 1
-    assert shed.headers[SHED_HEADER.decode()] == "1"
+    assert shed.headers[REFUSED_HEADER] == "shed"
     doc = json.loads(shed.content)
     assert doc["status"] == 503 and doc["reason"] == "queue_full"
     assert doc["priority"] == 30  # the blob class
@@ -339,7 +340,7 @@ async def test_works_with_fastapi_and_sheds_there_too(clock: ManualClock) -> Non
         gate.set()
         ok = await first
     assert ok.status_code == 200 and ok.json() == {"digest": "x"}
-    assert shed.status_code == 503 and shed.headers["x-seawall-shed"] == "1"
+    assert shed.status_code == 503 and shed.headers["x-seawall-refused"] == "shed"
 
 
 async def test_manifest_displaces_a_queued_blob_and_uploads_go_first(clock: ManualClock) -> None:

@@ -29,7 +29,6 @@ QUEUE_FILL_OVERLOADED = 0.25
 """The same under sustained overload, where an expired waiter is the likely outcome."""
 
 __all__ = [
-    "SHED_HEADER",
     "ConcurrencyLimitChanged",
     "ConcurrencyLimiter",
     "GradientController",
@@ -38,11 +37,6 @@ __all__ = [
     "RequestShed",
     "Waiter",
 ]
-
-SHED_HEADER = "x-seawall-shed"
-"""Response field marking a 503 as seawall's own load shedding: the server is alive and
-pacing its clients, so a fallback cache may answer and a client breaker stays neutral."""
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RequestShed(Event):

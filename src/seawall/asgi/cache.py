@@ -2,7 +2,7 @@
 
 For GET/HEAD it tees successful responses into the cache as they stream (nothing is
 buffered), and answers from the cache when the app raises, returns a fallback status
-(5xx, 429) or is shed by seawall (503 with ``x-seawall-shed``). It needs no buffering to
+(5xx, 429) or is shed by seawall (503 with ``x-seawall-refused: shed``). It needs no buffering to
 do so: the status is in ``http.response.start`` itself, so only that one message is
 inspected before deciding whether to pass the app's response on or to swallow it and
 send the stored copy instead. It never answers from the cache while the app is healthy:
@@ -18,11 +18,11 @@ from seawall.cache.keys import RequestInfo
 from seawall.clock import SYSTEM_CLOCK, Clock
 from seawall.events import EventBus
 from seawall.policy.cache import CachePolicy
-from seawall.shed import SHED_HEADER as _SHED_HEADER
+from seawall.protocol import REFUSED_HEADER
 
-__all__ = ["SHED_HEADER", "FallbackCacheMiddleware"]
+__all__ = ["FallbackCacheMiddleware"]
 
-SHED_HEADER = _SHED_HEADER.encode("latin-1")
+_SHED = (REFUSED_HEADER.encode("latin-1"), b"shed")
 
 
 def request_info(scope: Scope) -> RequestInfo:
@@ -73,7 +73,7 @@ class FallbackCacheMiddleware:
         if status in self.cache.policy.fallback_statuses:
             return True
         return status == 503 and any(
-            k.lower() == SHED_HEADER for k, _ in message.get("headers", ())
+            (k.lower(), v) == _SHED for k, v in message.get("headers", ())
         )
 
     async def _serve(self, send: Send, hit: Hit, head: bool, reason: str) -> None:

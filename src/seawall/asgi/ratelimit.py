@@ -27,6 +27,7 @@ from seawall.clock import SYSTEM_CLOCK, Clock
 from seawall.events import EventBus
 from seawall.keys import KeyFunc, make_key_func
 from seawall.policy.ratelimit import RateLimitPolicy
+from seawall.protocol import REFUSED_HEADER
 from seawall.ratelimit import Decision, RateLimiter
 
 __all__ = ["RateLimitMiddleware"]
@@ -34,6 +35,7 @@ __all__ = ["RateLimitMiddleware"]
 _RETRY_AFTER = b"retry-after"
 _RATELIMIT = b"ratelimit"
 _RATELIMIT_POLICY = b"ratelimit-policy"
+_REFUSED = (REFUSED_HEADER.encode("latin-1"), b"rate-limit")  # the app never ran
 
 
 class RateLimitMiddleware:
@@ -125,7 +127,7 @@ class RateLimitMiddleware:
                 503,
                 "Service Unavailable",
                 "The rate-limit store is unavailable; retry later.",
-                headers=[(_RETRY_AFTER, self._closed_retry_after)],
+                headers=[(_RETRY_AFTER, self._closed_retry_after), _REFUSED],
                 head_only=head,
             )
             return
@@ -134,6 +136,7 @@ class RateLimitMiddleware:
             (_RETRY_AFTER, str(wait).encode()),
             self._policy_header,
             (_RATELIMIT, self._rl_prefix[d.rule] + b"0;t=%d" % wait),
+            _REFUSED,
         ]
         await send_problem(
             send,

@@ -23,12 +23,12 @@ from seawall.asgi._http import retry_after_seconds, send_problem
 from seawall.clock import SYSTEM_CLOCK, Clock
 from seawall.events import EventBus
 from seawall.policy.shed import ShedPolicy
-from seawall.shed import SHED_HEADER as _SHED_HEADER
+from seawall.protocol import REFUSED_HEADER
 from seawall.shed import ConcurrencyLimiter, Permit, Rejection, Waiter
 
-__all__ = ["SHED_HEADER", "LoadShedMiddleware"]
+__all__ = ["LoadShedMiddleware"]
 
-SHED_HEADER = _SHED_HEADER.encode("latin-1")
+_REFUSED = (REFUSED_HEADER.encode("latin-1"), b"shed")
 """Response header set on every 503 produced by shedding (value ``1``)."""
 
 
@@ -107,7 +107,7 @@ class LoadShedMiddleware:
                 503,
                 "Service overloaded",
                 f"The server is at its concurrency limit; retry in {seconds} s.",
-                headers=((b"retry-after", str(seconds).encode()), (SHED_HEADER, b"1")),
+                headers=((b"retry-after", str(seconds).encode()), _REFUSED),
                 extra={"reason": rejection.reason, "priority": rejection.priority},
                 head_only=head_only,
             )

@@ -44,6 +44,7 @@ from seawall.clock import SYSTEM_CLOCK, Clock
 from seawall.errors import PolicyError, SeawallError
 from seawall.events import DEFAULT_BUS, Event, EventBus
 from seawall.policy.cache import CachePolicy
+from seawall.protocol import CACHE_HEADER
 
 __all__ = [
     "CACHE_HEADER",
@@ -58,7 +59,6 @@ __all__ = [
     "Recorder",
 ]
 
-CACHE_HEADER = "x-seawall-cache"
 _FORMAT = 1
 _HOP_BY_HOP = frozenset(
     {

@@ -413,7 +413,7 @@ class Admission(Generic[Q]):
     def succeeded(self, status: int | None = None, *, shed: bool = False) -> None:
         """Record a completed attempt: by its HTTP status, or a plain success without one.
 
-        ``shed``: the answer carries seawall's shed marker (``SHED_HEADER``). A server that
+        ``shed``: the answer carries seawall's refusal marker (``REFUSED_HEADER``). A server that
         sheds is alive and paces us with Retry-After, which the retry budget already
         honours; counting it as a failure would open client breakers in lockstep on a
         healthy server and keep them open after the surge (measured in the replay lab).

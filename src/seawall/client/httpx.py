@@ -35,8 +35,8 @@ from seawall.client.cache import FallbackCacheSyncTransport, FallbackCacheTransp
 from seawall.clock import SYSTEM_CLOCK, Clock
 from seawall.events import Event, EventBus
 from seawall.policy.retry import ClientPolicy
+from seawall.protocol import REFUSED_HEADER
 from seawall.retry import FINAL, RetryBudget, RetryCall, Verdict
-from seawall.shed import SHED_HEADER
 
 __all__ = [
     "CircuitOpenTransportError",
@@ -234,7 +234,7 @@ class ResilientTransport(_Base[httpx.AsyncBaseTransport], httpx.AsyncBaseTranspo
                     f"no response from {host} within the attempt timeout of {timeout:.3f}s",
                     request=request,
                 ) from None
-            shed = SHED_HEADER in response.headers
+            shed = REFUSED_HEADER in response.headers
             release = admission.streaming(response.status_code, shed=shed)
             if release is not None:
                 if response.is_closed:  # the body is already in memory (a prebuilt response)
@@ -510,7 +510,7 @@ class ResilientSyncTransport(_Base[httpx.BaseTransport], httpx.BaseTransport):
         with Admission(self._core, host, deadline_at, request, _HOOKS) as admission:
             _cap_timeouts(request, admission.wait_sync())
             response = self._inner.handle_request(request)
-            shed = SHED_HEADER in response.headers
+            shed = REFUSED_HEADER in response.headers
             release = admission.streaming(response.status_code, shed=shed)
             if release is not None:
                 if response.is_closed:

@@ -21,8 +21,8 @@ from seawall.client._pipeline import Admission, ClientCore, CoreAccess, FaceHook
 from seawall.clock import SYSTEM_CLOCK, Clock
 from seawall.events import EventBus
 from seawall.policy.retry import ClientPolicy
+from seawall.protocol import REFUSED_HEADER
 from seawall.retry import FINAL, RetryBudget, Verdict
-from seawall.shed import SHED_HEADER
 
 __all__ = ["CircuitOpenRequestsError", "ResilientAdapter"]
 
@@ -141,7 +141,7 @@ class ResilientAdapter(CoreAccess, HTTPAdapter):
                 cert,
                 proxies,
             )
-            admission.succeeded(response.status_code, shed=SHED_HEADER in response.headers)
+            admission.succeeded(response.status_code, shed=REFUSED_HEADER in response.headers)
         return response  # requests: the bulkhead covered the time to the headers
 
 
