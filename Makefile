@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: demo test lint typecheck bench clean
+.PHONY: demo test lint typecheck bench clean unasync
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,8 @@ demo: $(STAMP)
 	$(BIN)/seawall replay december-2022 --out replay-report --json replay-report/results.json
 
 test: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/python scripts/generate_sync.py --check
+	$(BIN)/ruff check src tests benchmarks examples scripts
 	$(BIN)/mypy
 	SEAWALL_RUN_SLOW=1 $(BIN)/python -m pytest -q
 
@@ -27,6 +28,10 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/client_overhead.py
 	$(BIN)/python benchmarks/shedding.py --out bench-out
+
+# The sync client and cache code is generated from its async source (docs/design.md).
+unasync: $(STAMP)
+	$(BIN)/python scripts/generate_sync.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist bench-out replay-report

@@ -3,9 +3,9 @@ registry switched off; revalidation; nothing served that should not be."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
+import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -264,8 +264,7 @@ async def test_stale_while_revalidate_serves_at_once_and_refreshes_in_background
         clock.advance(100)
         stale, _ = await pull(client)
         assert stale.content == first.content and stale.headers["x-seawall-cache"] == "stale"
-        await asyncio.gather(*list(transport._tasks))
-        assert transport._tasks == set()
+        await transport._layer._tasks.join()
         fresh, _ = await pull(client)
     assert fresh.content != first.content
     assert fresh.headers["x-seawall-cache"] == "hit"
@@ -332,7 +331,7 @@ def test_sync_transport_pulls_again_with_the_registry_switched_off(clock: Manual
         third, _ = sync_pull(client)  # revalidation: 304 -> stored body
         assert registry.requests[n].headers["if-none-match"] == first.headers["etag"]
         assert third.content == first.content and third.headers["x-seawall-cache"] == "hit"
-    assert transport._portal._loop is None  # the loop thread was stopped by close()
+    assert not any(t.name == "seawall-cache-loop" for t in threading.enumerate())  # no thread
 
 
 @pytest.mark.parametrize("wiring", ["composed", "cache-argument"])
@@ -390,7 +389,7 @@ def test_sync_transport_falls_back_on_status_and_seawall_errors(
         ):
             posted = client.post("/v2/lib/app/blobs/uploads/")
             assert posted.status_code == 503  # writes are never answered from the cache
-    assert len(asyncio.run(cache.store.keys())) == 1  # a shared cache outlives the transport
+    assert len(cache.store.keys()) == 1  # a shared cache outlives the transport
 
 
 async def test_own_conditionals_and_ranges_go_upstream(clock: ManualClock) -> None:

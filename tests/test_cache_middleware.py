@@ -232,7 +232,7 @@ async def test_fifty_concurrent_writers_of_one_blob_end_as_one_entry(clock: Manu
     async with client:
         results = await asyncio.gather(*(client.get(BLOB_URL) for _ in range(50)))
     assert all(r.status_code == 200 and r.content == BLOB for r in results)
-    assert len(await cache.store.keys()) == 1
+    assert len(cache.store.keys()) == 1
     assert cache.stats.stored == 1
     assert cache.stats.concurrent_skipped == 49
     assert cache.store.stats.commits == 1
@@ -260,7 +260,7 @@ async def test_never_cached(clock: ManualClock, path: str) -> None:
         upstream.mode = "fail"
         r = await client.get(path)
     assert r.status_code == 503
-    assert await cache.store.keys() == []
+    assert cache.store.keys() == []
 
 
 async def test_post_is_never_recorded_nor_answered(clock: ManualClock) -> None:
@@ -271,7 +271,7 @@ async def test_post_is_never_recorded_nor_answered(clock: ManualClock) -> None:
         upstream.mode = "fail"
         r = await client.post(MANIFEST_URL)
     assert r.status_code == 503
-    assert len(await cache.store.keys()) == 1
+    assert len(cache.store.keys()) == 1
 
 
 async def test_body_cut_midway_is_not_stored(clock: ManualClock) -> None:
@@ -280,7 +280,7 @@ async def test_body_cut_midway_is_not_stored(clock: ManualClock) -> None:
     async with client:
         with pytest.raises(RuntimeError):
             await client.get(BLOB_URL)
-    assert await cache.store.keys() == []
+    assert cache.store.keys() == []
     assert cache._inflight == set()
 
 
@@ -307,7 +307,7 @@ async def test_app_failing_after_start_is_not_masked(clock: ManualClock) -> None
         upstream.mode = "die-midway"
         with pytest.raises(RuntimeError, match="storage lost"):
             await client.get(BLOB_URL)  # headers already went out: nothing can be replaced
-    assert len(await cache.store.keys()) == 1  # the earlier good copy is still there
+    assert len(cache.store.keys()) == 1  # the earlier good copy is still there
 
 
 async def test_set_cookie_is_never_replayed(clock: ManualClock) -> None:

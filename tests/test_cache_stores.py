@@ -28,21 +28,22 @@ from seawall.events import Event, EventBus
 from seawall.policy.cache import CachePolicy
 
 
-async def put(
+def put(
     store: Store, key: str, chunks: list[bytes], meta: dict[str, object] | None = None
 ) -> bool:
-    writer = await store.open_writer(key)
+    writer = store.open_writer(key)
     for chunk in chunks:
-        await writer.write(chunk)
-    return await writer.commit(meta or {"n": key})
+        if writer.write(chunk):
+            writer.flush()
+    return writer.commit(meta or {"n": key})
 
 
-async def get(store: Store, key: str) -> tuple[dict[str, object], bytes] | None:
-    found = await store.open_reader(key)
+def get(store: Store, key: str) -> tuple[dict[str, object], bytes] | None:
+    found = store.open_reader(key)
     if found is None:
         return None
     meta, chunks = found
-    return meta, b"".join([c async for c in chunks])
+    return meta, b"".join(chunks)
 
 
 def blob(n: int, seed: int = 0) -> bytes:
@@ -82,45 +83,45 @@ def oci_url(body: bytes) -> str:
 async def test_memory_lru_is_bounded_in_bytes() -> None:
     store = MemoryStore(max_bytes=3 * 1024 + 3 * 512)
     for k in "abc":
-        assert await put(store, k, [b"x" * 1024])
-    assert sorted(await store.keys()) == ["a", "b", "c"]
-    assert await get(store, "a") is not None  # a is now most recently used
-    assert await put(store, "d", [b"y" * 1024])
-    assert sorted(await store.keys()) == ["a", "c", "d"]  # b was least recently used
+        assert put(store, k, [b"x" * 1024])
+    assert sorted(store.keys()) == ["a", "b", "c"]
+    assert get(store, "a") is not None  # a is now most recently used
+    assert put(store, "d", [b"y" * 1024])
+    assert sorted(store.keys()) == ["a", "c", "d"]  # b was least recently used
     assert store.size_bytes <= store.max_bytes
     assert store.stats.evictions == 1
 
 
 async def test_memory_entry_over_entry_bound_streams_through_uncached() -> None:
     store = MemoryStore(max_bytes=10_000, max_entry_bytes=2_000)
-    writer = await store.open_writer("big")
+    writer = store.open_writer("big")
     for _ in range(10):
-        await writer.write(b"z" * 500)
-    assert await writer.commit({}) is False
-    assert await get(store, "big") is None
+        writer.write(b"z" * 500)
+    assert writer.commit({}) is False
+    assert get(store, "big") is None
     assert store.size_bytes == 0
 
 
 async def test_memory_old_entry_readable_until_commit_and_abort_leaves_nothing() -> None:
     store = MemoryStore()
-    assert await put(store, "k", [b"old"])
-    writer = await store.open_writer("k")
-    await writer.write(b"new")
-    assert await get(store, "k") == ({"n": "k"}, b"old")
-    await writer.abort()
-    assert await get(store, "k") == ({"n": "k"}, b"old")
-    w2 = await store.open_writer("k")
-    await w2.write(b"new")
-    assert await w2.commit({"v": 2})
-    assert await get(store, "k") == ({"v": 2}, b"new")
+    assert put(store, "k", [b"old"])
+    writer = store.open_writer("k")
+    writer.write(b"new")
+    assert get(store, "k") == ({"n": "k"}, b"old")
+    writer.abort()
+    assert get(store, "k") == ({"n": "k"}, b"old")
+    w2 = store.open_writer("k")
+    w2.write(b"new")
+    assert w2.commit({"v": 2})
+    assert get(store, "k") == ({"v": 2}, b"new")
 
 
 async def test_namespaces_do_not_mix(tmp_path: Path) -> None:
     a, b = DiskStore(tmp_path, namespace="a"), DiskStore(tmp_path, namespace="b")
-    assert await put(a, "k", [b"from a"])
-    assert await get(b, "k") is None
-    assert await put(b, "k", [b"from b"])
-    assert await get(a, "k") == ({"n": "k"}, b"from a")
+    assert put(a, "k", [b"from a"])
+    assert get(b, "k") is None
+    assert put(b, "k", [b"from b"])
+    assert get(a, "k") == ({"n": "k"}, b"from a")
     assert (tmp_path / "a").is_dir() and (tmp_path / "b").is_dir()
 
 
@@ -143,50 +144,51 @@ async def test_disk_round_trip_and_restart_keeps_cache_usable(tmp_path: Path) ->
     assert b"".join([c async for c in cache2.body(hit)]) == body
     meta_hit = await cache2.lookup(RequestInfo("GET", meta_url))
     assert meta_hit is not None and meta_hit.header("etag") == '"e1"'
-    assert len(await store2.keys()) == 2
+    assert len(store2.keys()) == 2
     assert store2.size_bytes == store.size_bytes > len(body)
 
 
 async def test_disk_is_bounded_in_bytes(tmp_path: Path) -> None:
     store = DiskStore(tmp_path, max_bytes=5000)
     for k in "abcd":
-        assert await put(store, k, [b"x" * 1500])
-    keys = await store.keys()
+        assert put(store, k, [b"x" * 1500])
+    keys = store.keys()
     assert "a" not in keys and "d" in keys
     assert store.size_bytes <= 5000
     files = list((tmp_path / "seawall").glob("*/*.entry"))
     assert len(files) == len(keys)
-    too_big = await store.open_writer("huge")
-    await too_big.write(b"y" * 6000)
-    assert await too_big.commit({}) is False
+    too_big = store.open_writer("huge")
+    too_big.write(b"y" * 6000)
+    assert too_big.commit({}) is False
     assert list((tmp_path / "seawall" / "tmp").iterdir()) == []
 
 
 async def test_crash_mid_write_leaves_no_servable_partial_file(tmp_path: Path) -> None:
     store = DiskStore(tmp_path)
-    assert await put(store, "k", [b"committed"])
-    writer = await store.open_writer("k")
-    await writer.write(b"p" * (2 * 1024 * 1024))  # flushed to a .part file on disk
+    assert put(store, "k", [b"committed"])
+    writer = store.open_writer("k")
+    assert writer.write(b"p" * (2 * 1024 * 1024))  # asks to be flushed...
+    writer.flush()  # ... to a .part file on disk
     parts = list((tmp_path / "seawall" / "tmp").glob("*.part"))
     assert len(parts) == 1 and parts[0].stat().st_size >= 1024 * 1024
     # the process "dies" here: no commit, no abort. Readers still see the old entry only.
-    assert await get(store, "k") == ({"n": "k"}, b"committed")
+    assert get(store, "k") == ({"n": "k"}, b"committed")
     # a stray partial file from an older crash too
     (tmp_path / "seawall" / "tmp" / "deadbeef.1234.part").write_bytes(b"half")
     restarted = DiskStore(tmp_path)
-    assert await get(restarted, "k") == ({"n": "k"}, b"committed")
+    assert get(restarted, "k") == ({"n": "k"}, b"committed")
     assert list((tmp_path / "seawall" / "tmp").iterdir()) == []
-    assert await restarted.keys() == ["k"]
-    await writer.abort()  # the dead writer's file is already gone; abort is harmless
+    assert restarted.keys() == ["k"]
+    writer.abort()  # the dead writer's file is already gone; abort is harmless
 
 
 async def test_truncated_entry_file_is_never_served(tmp_path: Path) -> None:
     store = DiskStore(tmp_path)
-    assert await put(store, "k", [b"0123456789" * 100])
+    assert put(store, "k", [b"0123456789" * 100])
     (entry,) = (tmp_path / "seawall").glob("*/*.entry")
     patch_file(entry, 0, truncate=500)  # e.g. a torn copy restored from a backup
     restarted = DiskStore(tmp_path)
-    assert await get(restarted, "k") is None
+    assert get(restarted, "k") is None
     assert restarted.stats.corrupt == 1
     assert not entry.exists()
 
@@ -265,9 +267,9 @@ async def test_enospc_at_commit_fsync_is_handled(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", no_space)
-    assert await put(store, "k", [b"data"]) is False
+    assert put(store, "k", [b"data"]) is False
     assert not store.writable
-    assert await store.keys() == []
+    assert store.keys() == []
     assert list((tmp_path / "seawall" / "tmp").iterdir()) == []
 
 
@@ -297,9 +299,9 @@ async def test_root_that_is_a_file_disables_writes(tmp_path: Path) -> None:
     root = tmp_path / "not-a-dir"
     root.write_bytes(b"")
     store = DiskStore(root)
-    assert await put(store, "k", [b"x"]) is False
+    assert put(store, "k", [b"x"]) is False
     assert not store.writable
-    assert await get(store, "k") is None
+    assert get(store, "k") is None
 
 
 async def test_a_digest_mismatch_is_never_written(tmp_path: Path) -> None:
@@ -309,7 +311,7 @@ async def test_a_digest_mismatch_is_never_written(tmp_path: Path) -> None:
         evil = blob(4000, seed=3)
         assert await record(cache, oci_url(good), evil) is False
         assert cache.stats.rejected == 1
-        assert await store.keys() == []
+        assert store.keys() == []
         assert await cache.lookup(RequestInfo("GET", oci_url(good))) is None
 
 
@@ -330,7 +332,7 @@ class MemoryStoreMachine(RuleBasedStateMachine):
     @rule(key=st.sampled_from("abcdef"), size=st.integers(0, 2600))
     def put(self, key: str, size: int) -> None:
         body = bytes([ord(key)]) * size
-        ok = asyncio.run(put(self.store, key, [body[:100], body[100:]]))
+        ok = put(self.store, key, [body[:100], body[100:]])
         fits = size <= 2 * 1024
         assert ok == fits
         if not ok:
@@ -342,7 +344,7 @@ class MemoryStoreMachine(RuleBasedStateMachine):
 
     @rule(key=st.sampled_from("abcdef"))
     def read(self, key: str) -> None:
-        got = asyncio.run(get(self.store, key))
+        got = get(self.store, key)
         if key in self.model:
             assert got is not None and got[1] == self.model[key]
             self._touch(key)
@@ -351,7 +353,7 @@ class MemoryStoreMachine(RuleBasedStateMachine):
 
     @rule(key=st.sampled_from("abcdef"))
     def delete(self, key: str) -> None:
-        asyncio.run(self.store.delete(key))
+        self.store.delete(key)
         self.model.pop(key, None)
         if key in self.order:
             self.order.remove(key)
@@ -359,7 +361,7 @@ class MemoryStoreMachine(RuleBasedStateMachine):
     @invariant()
     def bounded_and_consistent(self) -> None:
         assert self.store.size_bytes <= self.store.max_bytes
-        assert sorted(asyncio.run(self.store.keys())) == sorted(self.model)
+        assert sorted(self.store.keys()) == sorted(self.model)
         assert self.store.size_bytes == sum(len(b) + 512 for b in self.model.values())
 
 

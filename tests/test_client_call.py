@@ -142,7 +142,8 @@ async def test_cancellation_stops_retries_and_frees_the_permit(clock: ManualCloc
     assert calls == 2
     assert guard.breakers is not None and guard.breakers.get("h").in_flight == 0
     with pytest.raises(ValueError, match="host"):
-        Resilient(fetch, "", POLICY)
+        Resilient(None, "", POLICY)  # no function and no host: nothing to key the breaker by
+    assert Resilient(fetch, None, POLICY).host.endswith("fetch")  # keyed by its own name
 
 
 async def test_bulkhead_and_rate_limit_apply_to_calls(clock: ManualClock) -> None:

@@ -565,7 +565,7 @@ def test_sync_streaming_and_timeouts_capped(clock: ManualClock) -> None:
 
 
 async def test_rate_limit_wait_past_the_deadline_fails_without_calling(clock: ManualClock) -> None:
-    from seawall.client._pipeline import RateLimitWaitTooLong
+    from seawall import RateLimitWaitTooLong
 
     handler, seen = script(200)
     policy = ClientPolicy(rate_limit="1/minute")
@@ -587,7 +587,7 @@ async def test_rate_limit_wait_past_the_deadline_fails_without_calling(clock: Ma
     ],
 )
 def test_immutable_urls_are_recognised(url: str, immutable: bool) -> None:
-    from seawall.client._pipeline import is_immutable_url
+    from seawall.client.core import is_immutable_url
 
     assert is_immutable_url(url) is immutable
     assert is_immutable_url(httpx.URL(url).raw_path) is immutable
@@ -602,18 +602,22 @@ async def test_per_attempt_timeout_is_a_retryable_read_timeout(clock: ManualCloc
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
 
-    policy = ClientPolicy(retry=GENEROUS.replace(attempts=2), attempt_timeout=0.01)
+    policy = ClientPolicy(retry=GENEROUS.replace(attempts=2), attempt_timeout=5.0)
     transport = ResilientTransport(httpx.MockTransport(hangs), policy, clock=clock)
     async with httpx.AsyncClient(transport=transport) as client:
+        task = asyncio.create_task(client.get(URL))
+        while not task.done():  # the upstream hangs until the driven clock moves on
+            await asyncio.sleep(0)
+            clock.advance(1.0)
         with pytest.raises(httpx.ReadTimeout, match="attempt timeout"):
-            await client.get(URL)
+            await task
     assert calls == 2
     assert transport.breakers is not None
     assert transport.breakers.get("registry.test").rates()[:2] == (2, 1.0)  # two failures
 
 
 async def test_tee_keeps_only_what_the_slowest_open_reader_still_needs() -> None:
-    from seawall.client.httpx import _Tee
+    from seawall.client._async.pipeline import AsyncTee
 
     closed: list[bool] = []
 
@@ -625,7 +629,7 @@ async def test_tee_keeps_only_what_the_slowest_open_reader_still_needs() -> None
         async def aclose(self) -> None:
             closed.append(True)
 
-    tee = _Tee(Source(), 3, gone={2})  # reader 2 left before the answer came
+    tee = AsyncTee(Source(), 3, gone={2})  # reader 2 left before the answer came
     fast, slow = tee.reader(0), tee.reader(1)
     assert [c async for c in fast] == [b"c0", b"c1", b"c2", b"c3"]
     assert len(tee._chunks) == 4  # the slow reader has read nothing yet

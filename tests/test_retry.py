@@ -257,7 +257,7 @@ def test_tenacity_stop_after_delay_ignores_an_injected_clock() -> None:
     seawall's StopAtDeadline reads the injected clock."""
     import tenacity
 
-    from seawall.retry import FINAL, RetryCall, Verdict
+    from seawall.retry import FINAL, Retries, Verdict
 
     clock = ManualClock(start=0.0)
     attempts = 0
@@ -279,7 +279,7 @@ def test_tenacity_stop_after_delay_ignores_an_injected_clock() -> None:
 
     attempts = 0
     clock = ManualClock(start=0.0)
-    call: RetryCall[None] = RetryCall(
+    retries: Retries[None] = Retries(
         host="h",
         policy=RetryPolicy(attempts=50, deadline=5.0, backoff_base=1, backoff_cap=1),
         deadline_at=5.0,
@@ -290,7 +290,11 @@ def test_tenacity_stop_after_delay_ignores_an_injected_clock() -> None:
         rng=lambda: 1.0,
     )
     with pytest.raises(ConnectionError):
-        call.retrying_sync()(always_fails)
+        while True:  # the driver's loop: attempt, ask, sleep
+            try:
+                always_fails()
+            except ConnectionError as exc:
+                clock.sleep_sync(retries.after_exception(exc))
     assert clock.now() < 5.0 and attempts == 5
 
 
@@ -300,7 +304,7 @@ async def test_tenacity_can_retry_a_cancelled_error_ours_never_does() -> None:
 
     import tenacity
 
-    from seawall.retry import RetryCall, Verdict
+    from seawall.retry import Retries, Verdict
 
     attempts = 0
 
@@ -321,7 +325,7 @@ async def test_tenacity_can_retry_a_cancelled_error_ours_never_does() -> None:
     assert attempts == 3  # tenacity retried a cancellation twice
 
     attempts = 0
-    call: RetryCall[None] = RetryCall(
+    retries: Retries[None] = Retries(
         host="h",
         policy=RetryPolicy(attempts=3),
         deadline_at=clock.now() + 30,
@@ -331,5 +335,9 @@ async def test_tenacity_can_retry_a_cancelled_error_ours_never_does() -> None:
         clock=clock,
     )
     with pytest.raises(asyncio.CancelledError):
-        await call.retrying()(cancelled)
+        while True:
+            try:
+                await cancelled()
+            except asyncio.CancelledError as exc:
+                await clock.sleep(retries.after_exception(exc))
     assert attempts == 1

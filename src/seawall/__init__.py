@@ -30,10 +30,15 @@ from seawall.cache import (
     Store,
 )
 from seawall.client.cache import FallbackCacheSyncTransport, FallbackCacheTransport
-from seawall.client.call import Resilient, resilient
+from seawall.client.call import Resilient, SyncResilient, resilient
+from seawall.client.core import (
+    AttemptStarted,
+    BulkheadTimeout,
+    RateLimitWaitTooLong,
+    RequestCoalesced,
+)
 from seawall.client.httpx import (
     CircuitOpenTransportError,
-    RequestCoalesced,
     ResilientSyncTransport,
     ResilientTransport,
 )
@@ -68,11 +73,13 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_BUS",
     "SYSTEM_CLOCK",
+    "AttemptStarted",
     "BreakerPolicy",
     "BreakerRegistry",
     "BreakerRejected",
     "BreakerState",
     "BreakerStateChanged",
+    "BulkheadTimeout",
     "CacheCorrupt",
     "CacheEvicted",
     "CachePolicy",
@@ -105,6 +112,7 @@ __all__ = [
     "RateLimitMiddleware",
     "RateLimitPolicy",
     "RateLimitStorageFailed",
+    "RateLimitWaitTooLong",
     "RateLimited",
     "RateLimiter",
     "RequestClass",
@@ -122,6 +130,7 @@ __all__ = [
     "SeawallError",
     "ShedPolicy",
     "Store",
+    "SyncResilient",
     "SystemClock",
     "__version__",
     "load_policies",

@@ -1,9 +1,10 @@
 """Budgeted, deadline-bound retries: sans-IO pieces shared by every client face.
 
-The faces (httpx async/sync transports, the requests adapter, the call wrapper) run the
-first attempt themselves (the fast path) and only on a retryable failure hand the call to
-tenacity's ``AsyncRetrying`` / ``Retrying`` configured with the strategies below. Time comes
-from the injected :class:`~seawall.clock.Clock` (tenacity's own ``stop_after_delay`` reads
+The client core (:mod:`seawall.client.core`) runs the first attempt itself (the fast
+path) and only on a retryable failure builds :class:`Retries`: tenacity's ``Retrying``
+with the strategies below, asked what to do next one outcome at a time, while the waiting
+and the attempts stay with the driver of each face, async or sync. Time comes from the
+injected :class:`~seawall.clock.Clock` (tenacity's own ``stop_after_delay`` reads
 ``time.monotonic``, so the deadline stop here reads our clock instead).
 
 What bounds retry amplification is :class:`RetryBudget`: per upstream host, retries may add
@@ -20,12 +21,12 @@ import random
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
 import tenacity
-from tenacity import RetryCallState
+from tenacity import DoSleep, RetryCallState
 from tenacity.retry import retry_base
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
@@ -37,11 +38,11 @@ from seawall.policy.retry import RetryPolicy
 __all__ = [
     "FINAL",
     "MAX_RETRY_AFTER",
+    "Retries",
     "RetriesExhausted",
     "RetryAfterHonoured",
     "RetryBudget",
     "RetryBudgetExhausted",
-    "RetryCall",
     "RetryScheduled",
     "StopAtDeadline",
     "StopWhenBudgetSpent",
@@ -301,15 +302,21 @@ class Verdict:
 FINAL = Verdict(False)
 
 
-class RetryCall(Generic[T]):
-    """The state of one logical call shared by the tenacity strategies below.
+class Retries(Generic[T]):
+    """The retries of one logical call, decided by tenacity and driven from outside.
 
-    Built by a face for each call that failed its first attempt. ``judge_result`` and
-    ``judge_exception`` are the face's classification; ``discard`` releases a result
-    that is being retried (closes an unread response body).
+    Sans-IO: a face makes the first attempt itself (the fast path never builds any of
+    this) and, when it failed in a retryable way, feeds each outcome to
+    :meth:`after_result` / :meth:`after_exception`. They answer how long to wait before
+    the next attempt, or that the call is over (None, or the exception raised again).
+    tenacity's ``Retrying.iter`` takes the decision with seawall's stop, wait and retry
+    strategies below; the waiting and the next attempt are the driver's, in its colour.
+    ``judge_result`` and ``judge_exception`` are the face's classification.
     """
 
     __slots__ = (
+        "_retrying",
+        "_state",
         "budget",
         "bus",
         "clock",
@@ -349,6 +356,8 @@ class RetryCall(Generic[T]):
         self.last: Verdict = FINAL
         self.stopped_by = ""
         self.honoured: float | None = None
+        self._retrying: tenacity.Retrying | None = None
+        self._state: RetryCallState | None = None
 
     def judge(self, rs: RetryCallState) -> Verdict:
         outcome = rs.outcome
@@ -408,41 +417,46 @@ class RetryCall(Generic[T]):
         assert rs.outcome is not None
         return rs.outcome.result()  # the upstream's own last answer or error
 
-    # ---- runners
+    # ---- driving
 
-    def retrying(
-        self, discard: Callable[[T], Awaitable[None]] | None = None
-    ) -> tenacity.AsyncRetrying:
-        async def before_sleep(rs: RetryCallState) -> None:
-            self._before_sleep(rs)
-            if discard is not None and rs.outcome is not None and not rs.outcome.failed:
-                await discard(rs.outcome.result())
+    def after_result(self, result: T) -> float | None:
+        """Seconds to wait before the next attempt, or None: ``result`` is the answer."""
+        return self._after(result, None)
 
-        return tenacity.AsyncRetrying(
-            sleep=self.clock.sleep,
-            stop=self.stop_strategy(),
-            wait=self.wait_strategy(),
-            retry=self.retry_strategy(),
-            before_sleep=before_sleep,
-            retry_error_callback=self._give_up,
-        )
+    def after_exception(self, exc: BaseException) -> float:
+        """Seconds to wait before the next attempt; raises ``exc`` when the call is over."""
+        wait = self._after(None, exc)
+        assert wait is not None  # tenacity re-raises a failed outcome it will not retry
+        return wait
 
-    def retrying_sync(self, discard: Callable[[T], None] | None = None) -> tenacity.Retrying:
-        def before_sleep(rs: RetryCallState) -> None:
-            self._before_sleep(rs)
-            if discard is not None and rs.outcome is not None and not rs.outcome.failed:
-                discard(rs.outcome.result())
+    def _after(self, result: T | None, exc: BaseException | None) -> float | None:
+        state = self._state
+        if state is None:
+            if not self._may_start(result, exc):
+                if exc is not None:
+                    raise exc
+                return None
+            self._retrying = tenacity.Retrying(
+                stop=self.stop_strategy(),
+                wait=self.wait_strategy(),
+                retry=self.retry_strategy(),
+                before_sleep=self._before_sleep,
+                retry_error_callback=self._give_up,
+            )
+            self._retrying.begin()
+            state = self._state = RetryCallState(self._retrying, fn=None, args=(), kwargs={})
+        assert self._retrying is not None
+        if exc is not None:
+            state.set_exception((type(exc), exc, exc.__traceback__))
+        else:
+            state.set_result(result)
+        action = self._retrying.iter(state)  # may raise the failed outcome: the call is over
+        if isinstance(action, DoSleep):
+            state.prepare_for_next_attempt()
+            return float(action)
+        return None
 
-        return tenacity.Retrying(
-            sleep=self.clock.sleep_sync,
-            stop=self.stop_strategy(),
-            wait=self.wait_strategy(),
-            retry=self.retry_strategy(),
-            before_sleep=before_sleep,
-            retry_error_callback=self._give_up,
-        )
-
-    def _may_start(self, first: T | BaseException) -> bool:
+    def _may_start(self, result: T | None, exc: BaseException | None) -> bool:
         """Skip building tenacity when no retry is possible (one attempt, or an empty
         budget: the common case in an outage, where CPU matters too)."""
         why = ""
@@ -455,9 +469,7 @@ class RetryCall(Generic[T]):
         self.stopped_by = why
         if self.bus.active:
             self.last = (
-                self.judge_exception(first)
-                if isinstance(first, BaseException)
-                else self.judge_result(first)
+                self.judge_exception(exc) if exc is not None else self.judge_result(result)  # type: ignore[arg-type]
             )
             now = self.clock.now()
             if why == "budget":
@@ -471,61 +483,11 @@ class RetryCall(Generic[T]):
             )
         return False
 
-    @staticmethod
-    def _final(first: T | BaseException) -> T:
-        if isinstance(first, BaseException):
-            raise first
-        return first
-
-    async def resume(
-        self,
-        first: T | BaseException,
-        attempt: Callable[[], Awaitable[T]],
-        discard: Callable[[T], Awaitable[None]] | None = None,
-    ) -> T:
-        """Continue a call whose first attempt (already made, fast path) gave ``first``."""
-        if not self._may_start(first):
-            return self._final(first)
-        replay: list[T | BaseException] = [first]
-
-        async def call() -> T:
-            if replay:
-                got = replay.pop()
-                if isinstance(got, BaseException):
-                    raise got
-                return got
-            return await attempt()
-
-        result: T = await self.retrying(discard)(call)
-        return result
-
-    def resume_sync(
-        self,
-        first: T | BaseException,
-        attempt: Callable[[], T],
-        discard: Callable[[T], None] | None = None,
-    ) -> T:
-        """Synchronous :meth:`resume`."""
-        if not self._may_start(first):
-            return self._final(first)
-        replay: list[T | BaseException] = [first]
-
-        def call() -> T:
-            if replay:
-                got = replay.pop()
-                if isinstance(got, BaseException):
-                    raise got
-                return got
-            return attempt()
-
-        result: T = self.retrying_sync(discard)(call)
-        return result
-
 
 class _RetryIfRetryable(retry_base):
     """Retry when the face judges the outcome retryable; never on cancellation."""
 
-    def __init__(self, call: RetryCall[Any]) -> None:
+    def __init__(self, call: Retries[Any]) -> None:
         self.call = call
 
     def __call__(self, retry_state: RetryCallState) -> bool:
@@ -534,13 +496,13 @@ class _RetryIfRetryable(retry_base):
         return verdict.retryable
 
 
-def retry_if_retryable(call: RetryCall[Any]) -> retry_base:
+def retry_if_retryable(call: Retries[Any]) -> retry_base:
     """The retry predicate of ``call`` as a tenacity object (composable with ``&``)."""
     return _RetryIfRetryable(call)
 
 
 class _StopAfterAttempts(stop_base):
-    def __init__(self, call: RetryCall[Any]) -> None:
+    def __init__(self, call: Retries[Any]) -> None:
         self.call = call
 
     def __call__(self, retry_state: RetryCallState) -> bool:
@@ -553,7 +515,7 @@ class _StopAfterAttempts(stop_base):
 class StopAtDeadline(stop_base):
     """Stop when the next attempt could not start before the call's deadline (our clock)."""
 
-    def __init__(self, call: RetryCall[Any]) -> None:
+    def __init__(self, call: Retries[Any]) -> None:
         self.call = call
 
     def __call__(self, retry_state: RetryCallState) -> bool:
@@ -568,7 +530,7 @@ class StopWhenBudgetSpent(stop_base):
     """Spend one retry from the host's budget, or stop. Listed last in the stop so a retry
     that another stop would refuse does not spend budget."""
 
-    def __init__(self, call: RetryCall[Any]) -> None:
+    def __init__(self, call: Retries[Any]) -> None:
         self.call = call
 
     def __call__(self, retry_state: RetryCallState) -> bool:
@@ -591,7 +553,7 @@ class StopWhenBudgetSpent(stop_base):
 class WaitRetryAfterOrBackoff(wait_base):
     """``max(Retry-After, full-jitter backoff)``, capped by the time left to the deadline."""
 
-    def __init__(self, call: RetryCall[Any]) -> None:
+    def __init__(self, call: Retries[Any]) -> None:
         self.call = call
 
     def __call__(self, retry_state: RetryCallState) -> float:

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from seawall.cache.fallback import FallbackCache, Hit, Recorder
+from seawall.cache._async.io import AsyncCacheRecorder
+from seawall.cache.fallback import FallbackCache, Hit
 from seawall.cache.keys import RequestInfo
 from seawall.clock import SYSTEM_CLOCK, Clock
 from seawall.events import EventBus
@@ -46,7 +47,7 @@ class _Exchange:
     def __init__(self) -> None:
         self.started = False  # the app's response start went to the client
         self.answered = False  # the cache answered instead
-        self.recorder: Recorder | None = None
+        self.recorder: AsyncCacheRecorder | None = None
 
 
 class FallbackCacheMiddleware:

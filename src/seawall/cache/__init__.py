@@ -10,7 +10,6 @@ from seawall.cache.fallback import (
     CacheStored,
     FallbackCache,
     Hit,
-    Recorder,
 )
 from seawall.cache.keys import RequestInfo, register_extractor
 from seawall.cache.memory import MemoryStore
@@ -29,7 +28,6 @@ __all__ = [
     "FallbackCache",
     "Hit",
     "MemoryStore",
-    "Recorder",
     "RequestInfo",
     "Store",
     "Writer",

@@ -4,15 +4,15 @@ Each entry is ONE file: the body, then the JSON metadata, then a 24-byte trailer
 (body length, metadata length, magic). A write goes to ``tmp/*.part``, is fsynced and
 renamed into place, so a reader sees either the old entry or the whole new one; a crash
 mid-write leaves only a ``.part`` file, which is never read and is deleted on start.
-A file with a bad trailer is deleted and counted. File I/O runs in worker threads in
-blocks of about 1 MiB so the event loop never waits on the disk. A full disk or an
-unwritable directory disables writes (with an event) and reads go on; writes are tried
-again after ``retry_writes_after`` seconds.
+A file with a bad trailer is deleted and counted. Its calls block on the disk
+(``blocking = True``): the async faces run them in worker threads, in blocks of about
+1 MiB, so the event loop never waits on the disk. A full disk or an unwritable directory
+disables writes (with an event) and reads go on; writes are tried again after
+``retry_writes_after`` seconds. ``root`` may start with ``~`` (the user's home).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import hashlib
@@ -22,7 +22,7 @@ import secrets
 import struct
 import threading
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -43,11 +43,12 @@ __all__ = ["DiskStore"]
 _MAGIC = b"SEAWALL1"
 _TRAILER = struct.Struct(">QQ8s")
 _BLOCK = 1024 * 1024
-_READ_CHUNK = 64 * 1024
 
 
 class DiskStore(Store):
     """Entries as files under ``root/<namespace>/``; an in-memory LRU index of sizes."""
+
+    blocking = True
 
     def __init__(
         self,
@@ -65,7 +66,7 @@ class DiskStore(Store):
         self.max_bytes = max_bytes
         self.namespace = namespace
         self.stats = StoreStats()
-        self.dir = Path(root) / namespace
+        self.dir = Path(root).expanduser() / namespace
         self.tmp = self.dir / "tmp"
         self.retry_writes_after = retry_writes_after
         self.fsync = fsync
@@ -81,24 +82,18 @@ class DiskStore(Store):
 
     # -- start-up -----------------------------------------------------------------------
 
-    async def _ensure_ready(self) -> None:
-        if not self._ready:
-            error = await asyncio.to_thread(self.start_sync)
-            if error is not None:
-                self._disable(error)  # emitted on the loop, not from the worker thread
-
-    def start_sync(self) -> OSError | None:
-        """Scan the directory: delete partial files, index entries. Idempotent, blocking.
-
-        Returns the error that makes the directory unwritable, if any (the caller disables
-        writes with it); reading what is there goes on regardless.
-        """
+    def _ensure_ready(self) -> None:
+        """Scan the directory once: delete partial files, index entries. An error that
+        makes the directory unwritable disables writes; reading what is there goes on."""
+        if self._ready:
+            return
         with self._start_lock:
             if self._ready:
-                return None
+                return
             error = self._scan_sync()
             self._ready = True
-            return error
+        if error is not None:
+            self._disable(error)
 
     def _scan_sync(self) -> OSError | None:
         error: OSError | None = None
@@ -179,7 +174,7 @@ class DiskStore(Store):
             gone.append((name, size))
 
     def _report_evictions(self, gone: list[tuple[str, int]]) -> None:
-        if gone and self._bus.active:  # emitted on the loop, never from a worker thread
+        if gone and self._bus.active:
             for name, size in gone:
                 self._bus.emit(
                     CacheEvicted(at=self._clock.now(), store=str(self.dir), key=name, size=size)
@@ -220,52 +215,51 @@ class DiskStore(Store):
                 path.unlink()
             return None
 
-    async def open_reader(self, key: str) -> Reader | None:
-        await self._ensure_ready()
+    def open_reader(self, key: str) -> Reader | None:
+        self._ensure_ready()
         name = self._name(key)
         with self._lock:
             if name not in self._index:
                 return None
             self._index.move_to_end(name)
-        found = await asyncio.to_thread(self._read_meta_sync, name)
+        found = self._read_meta_sync(name)
         if found is None:
             return None
         meta, body_len = found
         return meta, self._iterate(name, body_len)
 
-    async def _iterate(self, name: str, body_len: int) -> AsyncIterator[bytes]:
-        f: IO[bytes] = await asyncio.to_thread(open, self._path(name), "rb")
+    def _iterate(self, name: str, body_len: int) -> Iterator[bytes]:
+        """The body in blocks of up to 1 MiB: each block is one blocking read."""
+        f: IO[bytes] = open(self._path(name), "rb")  # noqa: SIM115 - closed below
         try:
             left = body_len
             while left > 0:
-                block = await asyncio.to_thread(f.read, min(_BLOCK, left))
+                block = f.read(min(_BLOCK, left))
                 if not block:
                     raise OSError(f"cache entry {name} ended early")
                 left -= len(block)
-                view = memoryview(block)
-                for i in range(0, len(block), _READ_CHUNK):
-                    yield bytes(view[i : i + _READ_CHUNK])
+                yield block
         finally:
-            await asyncio.to_thread(f.close)
+            f.close()
 
-    async def delete(self, key: str) -> None:
-        await self._ensure_ready()
+    def delete(self, key: str) -> None:
+        self._ensure_ready()
         name = self._name(key)
         self._forget(name)
-        await asyncio.to_thread(self._unlink, self._path(name))
+        self._unlink(self._path(name))
 
     @staticmethod
     def _unlink(path: Path) -> None:
         with contextlib.suppress(OSError):
             path.unlink()
 
-    async def keys(self) -> list[str]:
-        await self._ensure_ready()
+    def keys(self) -> list[str]:
+        self._ensure_ready()
         with self._lock:
             names = list(self._index)
         out: list[str] = []
         for name in names:
-            doc = await asyncio.to_thread(self._read_key_sync, name)
+            doc = self._read_key_sync(name)
             if doc is not None:
                 out.append(doc)
         return out
@@ -284,8 +278,8 @@ class DiskStore(Store):
 
     # -- writing ------------------------------------------------------------------------
 
-    async def open_writer(self, key: str) -> Writer:
-        await self._ensure_ready()
+    def open_writer(self, key: str) -> Writer:
+        self._ensure_ready()
         return _DiskWriter(self, key)
 
 
@@ -326,26 +320,27 @@ class _DiskWriter(Writer):
         for block in blocks:
             self._file.write(block)
 
-    async def _flush(self) -> None:
+    def flush(self) -> None:
+        if self._failed:
+            self._cleanup_sync()  # cannot fit, or the disk failed: keep no partial file
+            return
         blocks, self._buf, self._buffered = self._buf, [], 0
         try:
-            await asyncio.to_thread(self._flush_sync, blocks)
+            self._flush_sync(blocks)
         except OSError as exc:
             self._fail(exc)
-            await asyncio.to_thread(self._cleanup_sync)
+            self._cleanup_sync()
 
-    async def write(self, chunk: bytes) -> None:
+    def write(self, chunk: bytes) -> bool:
         if self._failed or self._done or not chunk:
-            return
+            return False
         self._size += len(chunk)
         if self._size > self._store.max_bytes:
-            self._fail(None)  # cannot fit: stop writing, keep no partial file
-            await asyncio.to_thread(self._cleanup_sync)
-            return
+            self._fail(None)  # cannot fit: stop buffering now; flush() removes the file
+            return self._file is not None
         self._buf.append(bytes(chunk))
         self._buffered += len(chunk)
-        if self._buffered >= _BLOCK:
-            await self._flush()
+        return self._buffered >= _BLOCK
 
     def _commit_sync(self, meta_bytes: bytes) -> int:
         assert self._file is not None and self._tmp is not None
@@ -368,24 +363,24 @@ class _DiskWriter(Writer):
                 os.close(fd)
         return self._size + len(meta_bytes) + _TRAILER.size
 
-    async def commit(self, meta: Meta) -> bool:
+    def commit(self, meta: Meta) -> bool:
         if self._done:
             return False
         self._done = True
         store = self._store
         if self._failed:
             store.stats.aborts += 1
-            await asyncio.to_thread(self._cleanup_sync)
+            self._cleanup_sync()
             return False
         meta_bytes = json.dumps({"key": self._key, "meta": meta}, separators=(",", ":")).encode()
         try:
-            await asyncio.to_thread(self._flush_sync, self._buf)
+            self._flush_sync(self._buf)
             self._buf = []
-            total = await asyncio.to_thread(self._commit_sync, meta_bytes)
+            total = self._commit_sync(meta_bytes)
         except OSError as exc:
             self._fail(exc)
             store.stats.aborts += 1
-            await asyncio.to_thread(self._cleanup_sync)
+            self._cleanup_sync()
             return False
         with store._lock:
             old = store._index.pop(self._name, None)
@@ -394,13 +389,13 @@ class _DiskWriter(Writer):
             store._index[self._name] = total
             store._size += total
         store.stats.commits += 1
-        store._report_evictions(await asyncio.to_thread(store._evict_sync))
+        store._report_evictions(store._evict_sync())
         return True
 
-    async def abort(self) -> None:
+    def abort(self) -> None:
         if self._done:
             return
         self._done = True
         self._buf = []
         self._store.stats.aborts += 1
-        await asyncio.to_thread(self._cleanup_sync)
+        self._cleanup_sync()

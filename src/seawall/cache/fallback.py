@@ -10,16 +10,21 @@ callers streaming the same blob leave one entry and one write.
 
 The faces decide *when* to ask (fresh hit, upstream failure); this module decides *what*
 may be served: fresh, stale within stale-if-error, or a digest-verified blob.
+
+:class:`FallbackCache` holds the state (policy, store, counters, recordings in flight) and
+the decisions, without I/O. Its I/O is written once, async, in ``seawall/cache/_async/io.py``
+and generated for sync callers: ``cache.aio`` and ``cache.sync`` are the two views of one
+cache, so an async and a sync face can share it. ``await cache.lookup(...)`` and the other
+async methods here are ``cache.aio``'s.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import math
+import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from seawall.cache.freshness import (
     Freshness,
@@ -39,12 +44,16 @@ from seawall.cache.keys import (
     vary_values,
 )
 from seawall.cache.memory import MemoryStore
-from seawall.cache.store import Meta, Store, Writer
+from seawall.cache.store import Meta, Store
 from seawall.clock import SYSTEM_CLOCK, Clock
 from seawall.errors import PolicyError, SeawallError
 from seawall.events import DEFAULT_BUS, Event, EventBus
 from seawall.policy.cache import CachePolicy
 from seawall.protocol import CACHE_HEADER
+
+if TYPE_CHECKING:
+    from seawall.cache._async.io import AsyncCacheIO, AsyncCacheRecorder
+    from seawall.cache._sync.io import SyncCacheIO
 
 __all__ = [
     "CACHE_HEADER",
@@ -56,7 +65,8 @@ __all__ = [
     "CacheStored",
     "FallbackCache",
     "Hit",
-    "Recorder",
+    "Recording",
+    "vary_index_meta",
 ]
 
 _FORMAT = 1
@@ -211,6 +221,9 @@ class FallbackCache:
         )
         self.stats = CacheStats()
         self._inflight: set[str] = set()
+        self._inflight_lock = threading.Lock()
+        self._aio: AsyncCacheIO | None = None
+        self._sync: SyncCacheIO | None = None
 
     # -- keys -------------------------------------------------------------------------
 
@@ -222,34 +235,50 @@ class FallbackCache:
     def _emit(self, event: Event) -> None:
         self.events.emit(event)
 
-    # -- reading ----------------------------------------------------------------------
+    # -- views ----------------------------------------------------------------------
+
+    @property
+    def aio(self) -> AsyncCacheIO:
+        """The async I/O of this cache (blocking stores run in worker threads)."""
+        io = self._aio
+        if io is None:
+            from seawall.cache._async.io import AsyncCacheIO
+
+            io = self._aio = AsyncCacheIO(self)
+        return io
+
+    @property
+    def sync(self) -> SyncCacheIO:
+        """The sync I/O of this cache, for sync faces (calls the store directly)."""
+        io = self._sync
+        if io is None:
+            from seawall.cache._sync.io import SyncCacheIO
+
+            io = self._sync = SyncCacheIO(self)
+        return io
 
     async def lookup(self, request: RequestInfo) -> Hit | None:
         """The verified stored response for ``request``, or None (counted as a miss)."""
-        if request.method.upper() not in ("GET", "HEAD"):
-            return None
-        rk = self.key(request)
-        key = rk.base
-        reader = await self.store.open_reader(key)
-        if reader is not None and "vary_index" in reader[0]:
-            names = tuple(str(n) for n in reader[0]["vary_index"])
-            key = variant_key(rk.base, vary_values(request, names))
-            reader = await self.store.open_reader(key)
-        if reader is None:
-            self.stats.misses += 1
-            return None
-        meta, chunks = reader
-        hit = self._hit_from_meta(key, rk, meta)
-        if hit is None:
-            await self._corrupt(key, rk.url, "unreadable metadata")
-            return None
-        problem = await self._verify(hit, chunks)
-        if problem is not None:
-            await self._corrupt(key, rk.url, problem)
-            return None
-        return hit
+        return await self.aio.lookup(request)
 
-    def _hit_from_meta(self, key: str, rk: RequestKey, meta: Meta) -> Hit | None:
+    def body(self, hit: Hit) -> AsyncIterator[bytes]:
+        """Stream the stored body, checking its hash again as it goes."""
+        return self.aio.body(hit)
+
+    async def recorder(
+        self, request: RequestInfo, status: int, headers: Sequence[tuple[str, str]]
+    ) -> AsyncCacheRecorder | None:
+        """A tee for this response, or None when it must not (or need not) be stored."""
+        return await self.aio.recorder(request, status, headers)
+
+    async def refresh(self, hit: Hit, headers: Sequence[tuple[str, str]]) -> Hit:
+        """Apply a 304 Not Modified: new freshness, same (verified) body."""
+        return await self.aio.refresh(hit, headers)
+
+    # -- decisions (no I/O) ------------------------------------------------------------
+
+    def hit_from_meta(self, key: str, rk: RequestKey, meta: Meta) -> Hit | None:
+        """The stored entry as a :class:`Hit`, or None when its metadata is unusable."""
         try:
             if meta.get("v") != _FORMAT or meta.get("digest") != rk.digest:
                 return None
@@ -272,46 +301,18 @@ class FallbackCache:
         except (KeyError, TypeError, ValueError):
             return None
 
-    def _expected(self, hit: Hit) -> str:
+    @staticmethod
+    def expected_sha256(hit: Hit) -> str:
+        """The hex sha256 the stored body must hash to."""
         if hit.digest is not None:
             return hit.digest.partition(":")[2]
         return hit.sha256
 
-    async def _verify(self, hit: Hit, chunks: AsyncIterator[bytes]) -> str | None:
-        h = hashlib.sha256()
-        size = 0
-        try:
-            async for chunk in chunks:
-                h.update(chunk)
-                size += len(chunk)
-        except OSError as exc:
-            return f"unreadable body: {exc}"
-        if size != hit.size:
-            return f"size {size} != recorded {hit.size}"
-        if h.hexdigest() != self._expected(hit):
-            return "digest mismatch" if hit.digest else "sha256 mismatch"
-        return None
-
-    async def _corrupt(self, key: str, url: str, reason: str) -> None:
+    def corrupt(self, url: str, reason: str) -> None:
+        """Count an entry that failed verification (the caller deletes it)."""
         self.stats.corrupt += 1
-        await self.store.delete(key)
         if self.events.active:
             self._emit(CacheCorrupt(at=self.clock.now(), url=url, reason=reason))
-
-    async def body(self, hit: Hit) -> AsyncIterator[bytes]:
-        """Stream the stored body, checking its hash again as it goes."""
-        reader = await self.store.open_reader(hit.key)
-        if reader is None:
-            raise CacheCorruptError(f"cache entry for {hit.url} disappeared")
-        h = hashlib.sha256()
-        size = 0
-        async for chunk in reader[1]:
-            h.update(chunk)
-            size += len(chunk)
-            yield chunk
-        if size != hit.size or h.hexdigest() != self._expected(hit):
-            await self._corrupt(hit.key, hit.url, "changed while served")
-            raise CacheCorruptError(f"cache entry for {hit.url} changed while served")
 
     def served(self, hit: Hit, *, reason: str = "fresh") -> list[tuple[str, str]]:
         """Count a served hit and return the headers to send (with Age and X-Seawall-Cache)."""
@@ -336,12 +337,13 @@ class FallbackCache:
         headers.append((CACHE_HEADER, label))
         return headers
 
-    # -- writing ----------------------------------------------------------------------
+    # -- writing (decisions) ------------------------------------------------------------
 
-    async def recorder(
+    def plan_recording(
         self, request: RequestInfo, status: int, headers: Sequence[tuple[str, str]]
-    ) -> Recorder | None:
-        """A tee for this response, or None when it must not (or need not) be stored."""
+    ) -> Recording | None:
+        """What to record for this response, or None when it must not (or need not) be
+        stored. Claims the key: only one recording per key runs at a time."""
         if not is_storable_request(request.method, request.headers):
             return None
         if not is_storable_response(status, headers):
@@ -356,18 +358,71 @@ class FallbackCache:
             return None
         rk = self.key(request)
         key = variant_key(rk.base, vary_values(request, vary)) if vary else rk.base
-        if key in self._inflight:
+        if not self.claim(key):
             self.stats.concurrent_skipped += 1  # one recording per key is enough
             return None
-        self._inflight.add(key)
-        try:
-            writer = await self.store.open_writer(key)
-        except Exception:
-            self._inflight.discard(key)
-            return None
-        return Recorder(self, request, rk, key, vary, status, _clean_headers(headers), writer)
+        return Recording(rk, key, vary, status, _clean_headers(headers))
 
-    def _meta(
+    def claim(self, key: str) -> bool:
+        """Start the one recording of ``key``; False when one is already running."""
+        with self._inflight_lock:
+            if key in self._inflight:
+                return False
+            self._inflight.add(key)
+            return True
+
+    def release(self, key: str) -> None:
+        with self._inflight_lock:
+            self._inflight.discard(key)
+
+    def judge_recording(self, recording: Recording, size: int, actual: str) -> str | None:
+        """Why a finished recording must not be kept (incomplete, wrong digest), or None."""
+        expected = recording.expected_size
+        if expected is not None and size != expected:
+            return f"incomplete body: {size} of {expected} bytes"
+        digest = recording.rk.digest
+        if digest is not None and f"sha256:{actual}" != digest:
+            return f"bytes hash to sha256:{actual}, not {digest}"
+        return None
+
+    def rejected(self, url: str, reason: str) -> None:
+        self.stats.rejected += 1
+        if self.events.active:
+            self._emit(CacheRejected(at=self.clock.now(), url=url, reason=reason))
+
+    def stored(self, url: str, size: int, digest: str | None) -> None:
+        self.stats.stored += 1
+        if self.events.active:
+            self._emit(CacheStored(at=self.clock.now(), url=url, size=size, digest=digest))
+
+    def refreshed(self, hit: Hit, headers: Sequence[tuple[str, str]]) -> Hit:
+        """The hit after a 304 Not Modified: merged headers, new freshness, same body."""
+        merged = {k: v for k, v in hit.headers}
+        for k, v in _clean_headers(headers):
+            if k not in _NOT_UPDATED_BY_304:
+                merged[k] = v
+        new_headers = list(merged.items())
+        rk = RequestKey(base=hit.key, url=hit.url, digest=hit.digest, scope="")
+        meta = self.meta_for(rk, hit.status, new_headers, hit.vary, hit.size, hit.sha256)
+        self.stats.revalidated += 1
+        fresh = Freshness.from_json(meta["freshness"])
+        now = self.clock.wall()
+        return Hit(
+            key=hit.key,
+            url=hit.url,
+            status=hit.status,
+            headers=new_headers,
+            size=hit.size,
+            sha256=hit.sha256,
+            digest=hit.digest,
+            freshness=fresh,
+            state=evaluate(fresh, now),
+            age=fresh.age(now),
+            vary=hit.vary,
+            meta=meta,
+        )
+
+    def meta_for(
         self,
         rk: RequestKey,
         status: int,
@@ -397,145 +452,24 @@ class FallbackCache:
             "freshness": fresh.to_json(),
         }
 
-    async def _write_vary_index(self, base: str, vary: tuple[str, ...]) -> None:
-        writer = await self.store.open_writer(base)
-        await writer.commit({"v": _FORMAT, "vary_index": list(vary)})
-
-    async def refresh(self, hit: Hit, headers: Sequence[tuple[str, str]]) -> Hit:
-        """Apply a 304 Not Modified: new freshness, same (verified) body."""
-        merged = {k: v for k, v in hit.headers}
-        for k, v in _clean_headers(headers):
-            if k not in _NOT_UPDATED_BY_304:
-                merged[k] = v
-        new_headers = list(merged.items())
-        rk = RequestKey(base=hit.key, url=hit.url, digest=hit.digest, scope="")
-        meta = self._meta(rk, hit.status, new_headers, hit.vary, hit.size, hit.sha256)
-        self.stats.revalidated += 1
-        if hit.key not in self._inflight and self.store.writable:
-            self._inflight.add(hit.key)
-            try:
-                writer = await self.store.open_writer(hit.key)
-                try:
-                    async for chunk in self.body(hit):
-                        await writer.write(chunk)
-                except (CacheCorruptError, OSError):
-                    await writer.abort()
-                else:
-                    await writer.commit(meta)
-            finally:
-                self._inflight.discard(hit.key)
-        fresh = Freshness.from_json(meta["freshness"])
-        now = self.clock.wall()
-        return Hit(
-            key=hit.key,
-            url=hit.url,
-            status=hit.status,
-            headers=new_headers,
-            size=hit.size,
-            sha256=hit.sha256,
-            digest=hit.digest,
-            freshness=fresh,
-            state=evaluate(fresh, now),
-            age=fresh.age(now),
-            vary=hit.vary,
-            meta=meta,
-        )
 
 
-class Recorder:
-    """The tee of one response into the store: ``feed`` chunks, then ``finish``/``abort``.
+@dataclass(slots=True)
+class Recording:
+    """One response being recorded: its key, what was promised, the headers to keep."""
 
-    Never raises for the cache's sake: store trouble only means the entry is not kept.
-    """
+    rk: RequestKey
+    key: str
+    vary: tuple[str, ...]
+    status: int
+    headers: list[tuple[str, str]]
+    expected_size: int | None = field(init=False)
 
-    def __init__(
-        self,
-        cache: FallbackCache,
-        request: RequestInfo,
-        rk: RequestKey,
-        key: str,
-        vary: tuple[str, ...],
-        status: int,
-        headers: list[tuple[str, str]],
-        writer: Writer,
-    ) -> None:
-        self._cache = cache
-        self._request = request
-        self._rk = rk
-        self._key = key
-        self._vary = vary
-        self._status = status
-        self._headers = headers
-        self._writer = writer
-        self._hash = hashlib.sha256()
-        self._size = 0
-        self._done = False
-        length = next((v for k, v in headers if k == "content-length"), None)
-        self._expected_size = int(length) if length and length.isdigit() else None
+    def __post_init__(self) -> None:
+        length = next((v for k, v in self.headers if k == "content-length"), None)
+        self.expected_size = int(length) if length and length.isdigit() else None
 
-    @property
-    def done(self) -> bool:
-        return self._done
 
-    async def feed(self, chunk: bytes) -> None:
-        if self._done or not chunk:
-            return
-        self._hash.update(chunk)
-        self._size += len(chunk)
-        try:
-            await self._writer.write(chunk)
-        except Exception:
-            await self.abort()
-
-    async def finish(self) -> bool:
-        """Commit if the body is complete and verified; True when the entry was kept."""
-        if self._done:
-            return False
-        cache = self._cache
-        try:
-            reason = None
-            actual = self._hash.hexdigest()
-            if self._expected_size is not None and self._size != self._expected_size:
-                reason = f"incomplete body: {self._size} of {self._expected_size} bytes"
-            elif self._rk.digest is not None and f"sha256:{actual}" != self._rk.digest:
-                reason = f"bytes hash to sha256:{actual}, not {self._rk.digest}"
-            if reason is not None:
-                cache.stats.rejected += 1
-                if cache.events.active:
-                    cache._emit(
-                        CacheRejected(at=cache.clock.now(), url=self._rk.url, reason=reason)
-                    )
-                await self._writer.abort()
-                return False
-            meta = cache._meta(
-                self._rk, self._status, self._headers, self._vary, self._size, actual
-            )
-            try:
-                ok = await self._writer.commit(meta)
-                if ok and self._vary:
-                    await cache._write_vary_index(self._rk.base, self._vary)
-            except Exception:
-                return False
-            if ok:
-                cache.stats.stored += 1
-                if cache.events.active:
-                    cache._emit(
-                        CacheStored(
-                            at=cache.clock.now(),
-                            url=self._rk.url,
-                            size=self._size,
-                            digest=self._rk.digest,
-                        )
-                    )
-            return ok
-        finally:
-            self._done = True
-            cache._inflight.discard(self._key)
-
-    async def abort(self) -> None:
-        if self._done:
-            return
-        self._done = True
-        self._cache._inflight.discard(self._key)
-        with contextlib.suppress(Exception):  # the store's trouble is not the caller's
-            await self._writer.abort()
+def vary_index_meta(vary: tuple[str, ...]) -> Meta:
+    """The entry at a base key that says which headers select the variant."""
+    return {"v": _FORMAT, "vary_index": list(vary)}

@@ -3,13 +3,14 @@
 Small enough to be safe with no configuration: entries larger than ``max_entry_bytes``
 stream through uncached (their buffered chunks are dropped as soon as the bound is
 crossed), and committing evicts least-recently-used entries until the total fits.
-All operations are synchronous inside, so one event loop needs no locks.
+Nothing here ever waits (``blocking = False``): the async faces call it directly. One
+lock makes it safe for sync faces used from many threads.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
-from collections.abc import AsyncIterator
 
 from seawall.cache.store import CacheEvicted, Meta, Reader, Store, StoreStats, Writer
 from seawall.clock import SYSTEM_CLOCK, Clock
@@ -51,6 +52,7 @@ class MemoryStore(Store):
         self._bus = events or DEFAULT_BUS
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._size = 0
+        self._lock = threading.Lock()
 
     def _k(self, key: str) -> str:
         return f"{self.namespace}:{key}"
@@ -63,22 +65,26 @@ class MemoryStore(Store):
     def size_bytes(self) -> int:
         return self._size
 
-    async def open_writer(self, key: str) -> Writer:
+    def open_writer(self, key: str) -> Writer:
         return _MemoryWriter(self, self._k(key))
 
-    async def open_reader(self, key: str) -> Reader | None:
-        entry = self._entries.get(self._k(key))
-        if entry is None:
-            return None
-        self._entries.move_to_end(self._k(key))
-        return dict(entry.meta), _iterate(entry.chunks)
+    def open_reader(self, key: str) -> Reader | None:
+        full = self._k(key)
+        with self._lock:
+            entry = self._entries.get(full)
+            if entry is None:
+                return None
+            self._entries.move_to_end(full)
+        return dict(entry.meta), iter(entry.chunks)
 
-    async def delete(self, key: str) -> None:
-        self._remove(self._k(key))
+    def delete(self, key: str) -> None:
+        with self._lock:
+            self._remove(self._k(key))
 
-    async def keys(self) -> list[str]:
+    def keys(self) -> list[str]:
         prefix = f"{self.namespace}:"
-        return [k[len(prefix) :] for k in self._entries if k.startswith(prefix)]
+        with self._lock:
+            return [k[len(prefix) :] for k in self._entries if k.startswith(prefix)]
 
     def _remove(self, full_key: str) -> _Entry | None:
         entry = self._entries.pop(full_key, None)
@@ -90,24 +96,23 @@ class MemoryStore(Store):
         size = body_size + _META_OVERHEAD
         if size > self.max_bytes:
             return False
-        self._remove(full_key)
-        while self._entries and self._size + size > self.max_bytes:
-            old_key, old = self._entries.popitem(last=False)
-            self._size -= old.size
-            self.stats.evictions += 1
-            if self._bus.active:
+        evicted: list[tuple[str, _Entry]] = []
+        with self._lock:
+            self._remove(full_key)
+            while self._entries and self._size + size > self.max_bytes:
+                old_key, old = self._entries.popitem(last=False)
+                self._size -= old.size
+                self.stats.evictions += 1
+                evicted.append((old_key, old))
+            self._entries[full_key] = _Entry(dict(meta), tuple(chunks), size)
+            self._size += size
+            self.stats.commits += 1
+        if evicted and self._bus.active:
+            for old_key, old in evicted:
                 self._bus.emit(
                     CacheEvicted(at=self._clock.now(), store="memory", key=old_key, size=old.size)
                 )
-        self._entries[full_key] = _Entry(dict(meta), tuple(chunks), size)
-        self._size += size
-        self.stats.commits += 1
         return True
-
-
-async def _iterate(chunks: tuple[bytes, ...]) -> AsyncIterator[bytes]:
-    for chunk in chunks:
-        yield chunk
 
 
 class _MemoryWriter(Writer):
@@ -121,17 +126,18 @@ class _MemoryWriter(Writer):
         self._overflow = False
         self._done = False
 
-    async def write(self, chunk: bytes) -> None:
+    def write(self, chunk: bytes) -> bool:
         if self._overflow or self._done or not chunk:
-            return
+            return False
         self._size += len(chunk)
         if self._size > self._store.max_entry_bytes:
             self._overflow = True  # too big to keep: stop holding it in memory now
             self._chunks.clear()
-            return
+            return False
         self._chunks.append(bytes(chunk))
+        return False
 
-    async def commit(self, meta: Meta) -> bool:
+    def commit(self, meta: Meta) -> bool:
         if self._done:
             return False
         self._done = True
@@ -144,7 +150,7 @@ class _MemoryWriter(Writer):
             self._store.stats.aborts += 1
         return ok
 
-    async def abort(self) -> None:
+    def abort(self) -> None:
         if not self._done:
             self._done = True
             self._chunks = []

@@ -1,16 +1,22 @@
 """The store interface behind the fallback cache.
 
-Async, bounded in bytes, with namespaced string keys and streaming in both directions,
-so a memory LRU, a disk directory and (later) a Redis metadata store fit behind it and
-no face ever holds a whole blob. Metadata is a JSON-friendly dict; the store never
-interprets it. A writer never raises on store trouble (full disk, capacity): the entry
-is simply not kept, because the request it rides on must not fail for the cache's sake.
+Bounded in bytes, with namespaced string keys and streaming in both directions, so a
+memory LRU, a disk directory and (later) a Redis metadata store fit behind it and no face
+ever holds a whole blob. Metadata is a JSON-friendly dict; the store never interprets it.
+A writer never raises on store trouble (full disk, capacity): the entry is simply not
+kept, because the request it rides on must not fail for the cache's sake.
+
+The interface is synchronous, one implementation for both colours of face: a store whose
+calls may wait on a disk or a network says so with ``blocking = True``, and the async
+cache I/O (``seawall/cache/_async/io.py``) then runs those calls in worker threads, so the
+event loop never waits; a memory store is called directly. Stores are thread-safe: a sync
+face may be used from many threads. Events may be emitted from those worker threads.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -27,7 +33,7 @@ __all__ = [
 ]
 
 Meta = dict[str, Any]
-Reader = tuple[Meta, AsyncIterator[bytes]]
+Reader = tuple[Meta, Iterator[bytes]]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -64,39 +70,45 @@ class Writer(abc.ABC):
     """One streaming write: ``write`` chunks, then ``commit`` or ``abort`` exactly once."""
 
     @abc.abstractmethod
-    async def write(self, chunk: bytes) -> None:
-        """Append ``chunk``; never raises for store trouble (the entry is dropped instead)."""
+    def write(self, chunk: bytes) -> bool:
+        """Append ``chunk`` without blocking; never raises for store trouble (the entry is
+        dropped instead). True when enough is buffered that :meth:`flush` should run."""
+
+    def flush(self) -> None:  # noqa: B027 - a store that never buffers has nothing to do
+        """Write what is buffered (may block on a blocking store)."""
 
     @abc.abstractmethod
-    async def commit(self, meta: Meta) -> bool:
-        """Make the entry visible atomically; False when it was dropped."""
+    def commit(self, meta: Meta) -> bool:
+        """Make the entry visible atomically; False when it was dropped. May block."""
 
     @abc.abstractmethod
-    async def abort(self) -> None:
-        """Forget everything written; nothing becomes visible. Idempotent."""
+    def abort(self) -> None:
+        """Forget everything written; nothing becomes visible. Idempotent. May block."""
 
 
 class Store(abc.ABC):
-    """Bytes-bounded async key/value store of (meta, streamed body) entries."""
+    """Bytes-bounded key/value store of (meta, streamed body) entries."""
 
     max_bytes: int
     namespace: str
     stats: StoreStats
+    blocking: bool = False
+    """True when calls may wait on a disk or a network (run off the event loop)."""
 
     @abc.abstractmethod
-    async def open_writer(self, key: str) -> Writer:
+    def open_writer(self, key: str) -> Writer:
         """Start writing ``key``; the old entry stays readable until commit."""
 
     @abc.abstractmethod
-    async def open_reader(self, key: str) -> Reader | None:
-        """``(meta, chunks)`` of a committed entry, or None. Holds no resource until iterated."""
+    def open_reader(self, key: str) -> Reader | None:
+        """``(meta, chunks)`` of a committed entry, or None. Each chunk read may block."""
 
     @abc.abstractmethod
-    async def delete(self, key: str) -> None:
+    def delete(self, key: str) -> None:
         """Remove ``key`` if present."""
 
     @abc.abstractmethod
-    async def keys(self) -> list[str]:
+    def keys(self) -> list[str]:
         """Committed keys of this namespace (tests and tooling; may be slow)."""
 
     @property
@@ -114,5 +126,5 @@ class Store(abc.ABC):
         """False once writes were disabled (full disk...); reads keep working."""
         return True
 
-    async def aclose(self) -> None:  # noqa: B027 - optional hook
+    def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources; the default store holds none."""

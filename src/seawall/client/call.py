@@ -1,161 +1,88 @@
-"""Resilience for any async callable: a registry SDK method, a gRPC stub, a helper.
+"""Resilience for any callable: a registry SDK method, a gRPC stub, a helper.
 
-``@resilient(host="registry.example")`` wraps an ``async def`` in the same pipeline as the
-HTTP faces (budgeted retries with deadline, per-host breaker, rate limit, bulkhead,
-per-attempt timeout), sharing a breaker registry and a budget when given the transport's.
-The callable is assumed idempotent (it is usually a fetch); pass ``idempotent=False`` for
-one that is not, and it will be guarded but never retried.
+``@resilient(host="registry.example")`` wraps an ``async def`` (or a plain ``def``) in the
+same pipeline as the HTTP faces: budgeted retries within a deadline, a per-host breaker,
+rate limit, bulkhead, and (for ``async def``) the per-attempt timeout; given a
+transport's ``breakers`` and ``budgets`` it shares them. A bare ``@resilient`` keys the
+breaker and budget by the function's own name. The callable is assumed idempotent (it is
+usually a fetch); pass ``idempotent=False`` for one that is not, and it will be guarded
+but never retried. A plain ``def`` cannot be interrupted from outside: give it its own
+timeout (the attempt timeout is not imposed on it).
 """
 
 from __future__ import annotations
 
-import asyncio
-import functools
-from collections.abc import Awaitable, Callable
-from typing import Any, Generic, ParamSpec, TypeVar
+import inspect
+from collections.abc import Callable
+from typing import Any, overload
 
 from seawall.breaker import BreakerRegistry
-from seawall.client._pipeline import Admission, ClientCore, CoreAccess
+from seawall.client._async.call import AsyncFunction, Resilient
+from seawall.client._call import default_retry_on
+from seawall.client._sync.call import SyncFunction, SyncResilient
 from seawall.clock import SYSTEM_CLOCK, Clock
-from seawall.errors import SeawallError
 from seawall.events import EventBus
 from seawall.policy.retry import ClientPolicy
-from seawall.retry import FINAL, RetryBudget, RetryCall, Verdict
+from seawall.retry import RetryBudget
 
-__all__ = ["Resilient", "default_retry_on", "resilient"]
+__all__ = ["Resilient", "SyncResilient", "default_retry_on", "resilient"]
 
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-def _status_of(exc: BaseException) -> int | None:
-    for holder in (exc, getattr(exc, "response", None)):
-        for attr in ("status_code", "status"):
-            value = getattr(holder, attr, None)
-            if isinstance(value, int) and not isinstance(value, bool):
-                return value
-    return None
+Guard = Resilient[..., Any] | SyncResilient[..., Any]
 
 
-def default_retry_on(exc: BaseException) -> bool:
-    """Connection errors and timeouts: the failures worth a second try for any SDK."""
-    if isinstance(exc, SeawallError):  # open breaker, local limits: retrying adds nothing
-        return False
-    return isinstance(exc, ConnectionError | TimeoutError) or (
-        type(exc).__module__.startswith("httpx")
-        and type(exc).__name__
-        in ("ConnectError", "ConnectTimeout", "ReadTimeout", "ReadError", "RemoteProtocolError")
-    )
+@overload
+def resilient(policy: Callable[..., Any], /) -> Guard: ...
 
 
-class Resilient(CoreAccess, Generic[P, R]):
-    """A guarded async callable; also ``await guard.call(fn, *args)`` for one-off calls."""
-
-    def __init__(
-        self,
-        fn: Callable[P, Awaitable[R]] | None,
-        host: str,
-        policy: ClientPolicy | None = None,
-        *,
-        clock: Clock = SYSTEM_CLOCK,
-        events: EventBus | None = None,
-        breakers: BreakerRegistry | None = None,
-        budgets: RetryBudget | None = None,
-        idempotent: bool = True,
-        retry_on: Callable[[BaseException], bool] = default_retry_on,
-    ) -> None:
-        if not host:
-            raise ValueError("host names the upstream (the breaker and budget key)")
-        self._fn = fn
-        self.host = host
-        self.idempotent = idempotent
-        self.retry_on = retry_on
-        self._core = ClientCore(
-            policy, clock=clock, events=events, breakers=breakers, budgets=budgets
-        )
-        if fn is not None:
-            functools.update_wrapper(self, fn)
-
-    async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        assert self._fn is not None, "Resilient without a function: use .call(fn, ...)"
-        return await self.call(self._fn, *args, **kwargs)
-
-    def _judge(self, exc: BaseException) -> Verdict:
-        status = _status_of(exc)
-        if status is not None:
-            return self._core.judge_status(status, _retry_after_of(exc))
-        if self.retry_on(exc):
-            return Verdict(True, type(exc).__name__)
-        return FINAL
-
-    async def call(self, fn: Callable[..., Awaitable[R]], *args: Any, **kwargs: Any) -> R:
-        core = self._core
-        host = self.host
-        deadline_at = core.start(host)
-
-        async def attempt() -> R:
-            return await self._attempt(fn, args, kwargs, deadline_at)
-
-        try:
-            return await attempt()
-        except Exception as exc:
-            if not self.idempotent or not self._judge(exc).retryable:
-                raise
-            first: BaseException = exc
-        call: RetryCall[R] = core.retry_call(host, deadline_at, lambda _r: FINAL, self._judge)
-        return await call.resume(first, attempt)
-
-    async def _attempt(
-        self,
-        fn: Callable[..., Awaitable[R]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        deadline_at: float,
-    ) -> R:
-        # CircuitOpenError and BulkheadTimeout are raised as they are: no face types here.
-        with Admission(self._core, self.host, deadline_at, None) as admission:
-            timeout = await admission.wait()
-            async with asyncio.timeout(timeout):
-                result = await fn(*args, **kwargs)
-            admission.succeeded()
-        return result
-
-
-def _retry_after_of(exc: BaseException) -> str | bytes | None:
-    headers = getattr(getattr(exc, "response", None), "headers", None)
-    if headers is None:
-        return None
-    try:
-        value = headers.get("retry-after")
-    except Exception:
-        return None
-    return value if isinstance(value, str | bytes) else None
-
-
+@overload
 def resilient(
     policy: ClientPolicy | None = None,
     *,
-    host: str,
+    host: str | None = None,
     clock: Clock = SYSTEM_CLOCK,
     events: EventBus | None = None,
     breakers: BreakerRegistry | None = None,
     budgets: RetryBudget | None = None,
     idempotent: bool = True,
     retry_on: Callable[[BaseException], bool] = default_retry_on,
-) -> Callable[[Callable[P, Awaitable[R]]], Resilient[P, R]]:
-    """Decorator: ``@resilient(host="ghcr.io")`` on an ``async def`` (or a bound method)."""
+) -> Callable[[Callable[..., Any]], Guard]: ...
 
-    def wrap(fn: Callable[P, Awaitable[R]]) -> Resilient[P, R]:
-        return Resilient(
-            fn,
-            host,
-            policy,
-            clock=clock,
-            events=events,
-            breakers=breakers,
-            budgets=budgets,
-            idempotent=idempotent,
-            retry_on=retry_on,
-        )
+
+def resilient(
+    policy: ClientPolicy | Callable[..., Any] | None = None,
+    *,
+    host: str | None = None,
+    clock: Clock = SYSTEM_CLOCK,
+    events: EventBus | None = None,
+    breakers: BreakerRegistry | None = None,
+    budgets: RetryBudget | None = None,
+    idempotent: bool = True,
+    retry_on: Callable[[BaseException], bool] = default_retry_on,
+) -> Guard | Callable[[Callable[..., Any]], Guard]:
+    """Decorator: ``@resilient``, ``@resilient(host="ghcr.io")``, ``@resilient(policy)``.
+
+    An ``async def`` becomes a :class:`Resilient`, a plain ``def`` a :class:`SyncResilient`.
+    """
+    if policy is not None and not isinstance(policy, ClientPolicy):
+        if not callable(policy):
+            raise TypeError(f"resilient() takes a ClientPolicy or a function, not {policy!r}")
+        return resilient()(policy)  # a bare @resilient
+
+    def wrap(fn: Callable[..., Any]) -> Guard:
+        options: dict[str, Any] = {
+            "clock": clock,
+            "events": events,
+            "breakers": breakers,
+            "budgets": budgets,
+            "idempotent": idempotent,
+            "retry_on": retry_on,
+        }
+        if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+            getattr(fn, "__call__", None)  # noqa: B004 - an object with async __call__
+        ):
+            afn: AsyncFunction[..., Any] = fn
+            return Resilient(afn, host, policy, **options)
+        sfn: SyncFunction[..., Any] = fn
+        return SyncResilient(sfn, host, policy, **options)
 
     return wrap

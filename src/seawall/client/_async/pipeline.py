@@ -1,0 +1,589 @@
+"""The client pipeline's I/O, written once: this async source is the only one kept by hand.
+
+``seawall/client/_sync/pipeline.py`` is generated from it by ``scripts/generate_sync.py``
+(``make test`` checks that the copy is current). Outermost first, for every face:
+
+    fallback cache -> coalescing -> retries (deadline, budget) -> breaker
+        -> rate limit / bulkhead -> per-attempt timeout -> the face's one send
+
+Every decision is taken by :mod:`seawall.client.core` (sans-IO); this module only
+sleeps, waits for slots, sends, closes, and moves body chunks. Bodies stay streaming:
+a body is never read whole here, only passed on chunk by chunk (to the caller, to the
+cache's recorder, to the followers of a coalesced fetch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Generic, Protocol, TypeVar
+
+from seawall.cache._async.io import AsyncCacheRecorder
+from seawall.cache.fallback import FallbackCache, Hit
+from seawall.cache.freshness import State
+from seawall.cache.keys import RequestInfo, credential_scope
+from seawall.client.core import (
+    Call,
+    ClientCore,
+    Face,
+    RequestCoalesced,
+    is_immutable_url,
+)
+from seawall.concurrency import AsyncEvent, AsyncLock, AsyncSemaphore, AsyncTasks
+
+__all__ = [
+    "AsyncBody",
+    "AsyncCacheLayer",
+    "AsyncCoalescer",
+    "AsyncFace",
+    "AsyncHandler",
+    "AsyncPipeline",
+    "async_send",
+]
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Req_contra = TypeVar("Req_contra", contravariant=True)
+Resp_co = TypeVar("Resp_co", covariant=True)
+
+_CONDITIONALS = ("if-none-match", "if-modified-since", "if-match", "if-unmodified-since")
+
+
+class AsyncHandler(Protocol[Req_contra, Resp_co]):
+    """The rest of the pipeline, seen from a layer: request in, answer out."""
+
+    async def __call__(self, request: Req_contra) -> Resp_co: ...
+
+
+class AsyncBody(Protocol):
+    """A response body as the pipeline moves it: raw (still encoded) chunks, then close."""
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class AsyncFace(Face[Req, Resp], Protocol):
+    """What a face does in its colour: send once, close, and hand over bodies."""
+
+    async def send(self, request: Req, timeout: float | None) -> Resp:
+        """One attempt; ``timeout`` bounds it (the call's deadline included)."""
+        ...
+
+    async def close(self, response: Resp) -> None:
+        """Release an answer that will not be returned (it is being retried)."""
+        ...
+
+    def body(self, response: Resp) -> AsyncBody:
+        """The answer's unread body."""
+        ...
+
+    def replace_body(self, response: Resp, body: AsyncBody) -> Resp:
+        """The same answer with ``body`` instead of its own."""
+        ...
+
+    def build(
+        self, request: Req, status: int, headers: Sequence[tuple[str, str]], body: AsyncBody
+    ) -> Resp:
+        """A new answer to ``request`` (from the cache, or for a coalesced follower)."""
+        ...
+
+    def request_info(self, request: Req) -> RequestInfo:
+        """The face-neutral request (method, absolute URL, lower-case headers)."""
+        ...
+
+    def response_headers(self, response: Resp) -> list[tuple[str, str]]:
+        """All response headers, lower-case names, in order."""
+        ...
+
+    def with_headers(self, request: Req, headers: Sequence[tuple[str, str]]) -> Req:
+        """A copy of ``request`` with these headers set (for a conditional request)."""
+        ...
+
+    def is_upstream_failure(self, exc: BaseException) -> bool:
+        """Trouble upstream the cache may cover for (never the caller's own mistake)."""
+        ...
+
+
+# --------------------------------------------------------------------------- retries
+
+
+async def async_send(core: ClientCore, face: AsyncFace[Req, Resp], request: Req) -> Resp:
+    """One logical call: attempts, with the core's decisions between them."""
+    call = Call(core, face, request)
+    clock = core.clock
+    while True:
+        attempt = call.admit()  # raises at once when the breaker or the pacing says no
+        try:
+            pace = attempt.pace
+            if pace > 0.0:
+                await clock.sleep(pace)
+            timeout = call.timeout()
+            bulkhead = core.bulkhead(call.host, AsyncSemaphore)
+            if bulkhead is not None:
+                if not await bulkhead.acquire(timeout):
+                    raise call.no_slot(attempt, timeout)
+                attempt.hold(bulkhead.release)
+            call.started(attempt, timeout)
+            response = await face.send(request, timeout)
+        except Exception as exc:
+            wait = call.failed(attempt, exc)  # raises exc when it is final
+        except BaseException:
+            call.abandoned(attempt)
+            raise
+        else:
+            after = call.answered(attempt, response)
+            if after is None:
+                release = attempt.hand_over()
+                if release is None:
+                    return response
+                if face.finished(response):  # a prebuilt answer: nothing will close it
+                    release()
+                    return response
+                return face.replace_body(response, AsyncReleasingBody(face.body(response), release))
+            await face.close(response)
+            wait = after
+        await clock.sleep(wait)
+
+
+class AsyncReleasingBody:
+    """Hold the bulkhead slot until the body is closed, not just until the headers."""
+
+    __slots__ = ("_inner", "_release")
+
+    def __init__(self, inner: AsyncBody, release: Callable[[], None]) -> None:
+        self._inner = inner
+        self._release: Callable[[], None] | None = release
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._inner:
+            yield chunk
+
+    async def aclose(self) -> None:
+        try:
+            await self._inner.aclose()
+        finally:
+            release, self._release = self._release, None
+            if release is not None:
+                release()
+
+
+# --------------------------------------------------------------------------- coalescing
+
+
+class _LeaderGone(Exception):
+    """The leading request was cancelled: followers try again, one of them as leader."""
+
+
+class _Group(Generic[Resp]):
+    """One in-flight coalesced fetch and who waits for it."""
+
+    __slots__ = ("done", "error", "gone", "head", "joined", "tee")
+
+    def __init__(self) -> None:
+        self.done = AsyncEvent()
+        self.joined = 0
+        self.gone: set[int] = set()
+        self.head: Resp | None = None
+        self.tee: AsyncTee | None = None
+        self.error: BaseException | None = None
+
+
+class AsyncCoalescer(Generic[Req, Resp]):
+    """Concurrent identical GETs of immutable content share one upstream fetch.
+
+    "Identical" is the URL, the credential scope (a follower never receives what another
+    credential fetched), Accept and Range. The leader's body is fanned out to every
+    follower as it streams (:class:`AsyncTee`); nobody holds it whole. The group table is
+    guarded by a thread lock held for a few dictionary operations only, so the same code
+    is safe for a sync face called from many threads.
+    """
+
+    __slots__ = ("_core", "_face", "_groups", "_lock")
+
+    def __init__(self, core: ClientCore, face: AsyncFace[Req, Resp]) -> None:
+        self._core = core
+        self._face = face
+        self._groups: dict[tuple[str, ...], _Group[Resp]] = {}
+        self._lock = threading.Lock()
+
+    def key(self, request: Req) -> tuple[str, ...] | None:
+        """The request's coalescing key, or None when it must be fetched on its own."""
+        face = self._face
+        if face.method(request) != "GET" or not is_immutable_url(face.target(request)):
+            return None
+        info = face.request_info(request)
+        scope = credential_scope(info, public=False, namespace="coalesce")
+        return (info.url, scope, info.header("accept") or "", info.header("range") or "")
+
+    async def fetch(
+        self,
+        key: tuple[str, ...],
+        request: Req,
+        send: AsyncHandler[Req, Resp],
+    ) -> Resp:
+        face = self._face
+        while True:
+            with self._lock:
+                group = self._groups.get(key)
+                if group is None:
+                    group = self._groups[key] = _Group()
+                    index = 0
+                else:
+                    group.joined += 1
+                    index = group.joined
+            if index == 0:
+                return await self._lead(key, group, request, send)
+            try:
+                await group.done.wait()
+            except BaseException:
+                await self._leave(group, index)
+                raise
+            if isinstance(group.error, _LeaderGone):
+                continue  # the leader was cancelled: try again, maybe as the leader
+            if group.error is not None:
+                raise group.error
+            head, tee = group.head, group.tee
+            assert head is not None and tee is not None
+            return face.build(
+                request, face.status(head), face.response_headers(head), tee.reader(index)
+            )
+
+    async def _leave(self, group: _Group[Resp], index: int) -> None:
+        with self._lock:
+            tee = group.tee
+            if tee is None:
+                group.gone.add(index)  # the tee will not keep chunks for this reader
+                return
+        await tee.close(index)
+
+    async def _lead(
+        self,
+        key: tuple[str, ...],
+        group: _Group[Resp],
+        request: Req,
+        send: AsyncHandler[Req, Resp],
+    ) -> Resp:
+        face = self._face
+        try:
+            response = await send(request)
+        except BaseException as exc:
+            with self._lock:
+                self._groups.pop(key, None)
+            group.error = exc if isinstance(exc, Exception) else _LeaderGone()
+            group.done.set()
+            raise
+        with self._lock:
+            self._groups.pop(key, None)  # from here on, nobody joins this group
+            followers = group.joined
+            if followers:
+                group.tee = AsyncTee(face.body(response), followers + 1, group.gone)
+        if not followers:
+            return response
+        group.head = response
+        group.done.set()
+        core = self._core
+        if core.bus.active:
+            core.bus.emit(
+                RequestCoalesced(at=core.clock.now(), host=face.host(request), followers=followers)
+            )
+        assert group.tee is not None
+        return face.replace_body(response, group.tee.reader(0))
+
+
+class AsyncTee:
+    """Fan one body out to ``n`` readers without reading it whole.
+
+    Chunks are pulled from the source on demand by whichever reader is ahead, kept until
+    every open reader has passed them, then dropped: memory is bounded by the distance
+    between the fastest and the slowest reader (documented in docs/client.md).
+    """
+
+    __slots__ = ("_base", "_chunks", "_done", "_error", "_it", "_lock", "_pos", "_source")
+
+    def __init__(self, source: AsyncBody, n: int, gone: set[int]) -> None:
+        self._source = source
+        self._it: AsyncIterator[bytes] = source.__aiter__()
+        self._chunks: list[bytes] = []
+        self._base = 0
+        self._done = False
+        self._error: BaseException | None = None
+        self._lock = AsyncLock()
+        self._pos: dict[int, int] = {i: 0 for i in range(n) if i not in gone}
+
+    def reader(self, index: int) -> AsyncTeeReader:
+        return AsyncTeeReader(self, index)
+
+    async def next_chunk(self, index: int) -> bytes | None:
+        async with self._lock:
+            pos = self._pos.get(index)
+            if pos is None:
+                return None
+            i = pos - self._base
+            if i >= len(self._chunks):
+                if self._error is not None:
+                    raise self._error
+                if self._done:
+                    return None
+                try:
+                    self._chunks.append(await self._it.__anext__())
+                except StopAsyncIteration:
+                    self._done = True
+                    return None
+                except Exception as exc:
+                    self._error = exc
+                    raise
+            chunk = self._chunks[i]
+            self._pos[index] = pos + 1
+            self._trim()
+            return chunk
+
+    def _trim(self) -> None:
+        low = min(self._pos.values(), default=self._base + len(self._chunks))
+        drop = low - self._base
+        if drop > 0:
+            del self._chunks[:drop]
+            self._base = low
+
+    def forget(self, index: int) -> bool:
+        """Stop keeping chunks for reader ``index``; True when it was the last reader."""
+        if self._pos.pop(index, None) is None:
+            return False
+        self._trim()
+        if self._pos:
+            return False
+        self._chunks.clear()
+        return True
+
+    async def close(self, index: int) -> None:
+        async with self._lock:
+            last = self.forget(index)
+        if last:
+            await self._source.aclose()
+
+
+class AsyncTeeReader:
+    __slots__ = ("_index", "_tee")
+
+    def __init__(self, tee: AsyncTee, index: int) -> None:
+        self._tee = tee
+        self._index = index
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while (chunk := await self._tee.next_chunk(self._index)) is not None:
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._tee.close(self._index)
+
+
+# --------------------------------------------------------------------------- fallback cache
+
+
+class AsyncCacheLayer(Generic[Req, Resp]):
+    """The fallback cache in front of everything else (DESIGN.md's order).
+
+    It answers from the cache when everything inside gave up (an upstream failure, an
+    open breaker, a spent budget) or the upstream answers with a fallback status; it
+    serves fresh entries and verified blobs without asking (``CachePolicy.serve_fresh``),
+    revalidates due metadata with ``If-None-Match`` / ``If-Modified-Since``, and records
+    successful GETs while the caller reads them.
+    """
+
+    __slots__ = ("_face", "_tasks", "cache")
+
+    def __init__(self, cache: FallbackCache, face: AsyncFace[Req, Resp]) -> None:
+        self.cache = cache
+        self._face = face
+        self._tasks = AsyncTasks()
+
+    async def handle(self, request: Req, inner: AsyncHandler[Req, Resp]) -> Resp:
+        face = self._face
+        method = face.method(request)
+        if method not in ("GET", "HEAD"):
+            return await inner(request)
+        io = self.cache.aio
+        info = face.request_info(request)
+        hit = await io.lookup(info)
+        if hit is not None and self._serve_without_asking(hit, info):
+            return self._answer(request, method, hit, "fresh")
+        if hit is not None and self._serve_then_revalidate(hit, info):
+            stale = hit
+            await self._tasks.start(lambda: self._revalidate(request, info, stale, inner))
+            return self._answer(request, method, hit, "stale-while-revalidate")
+        conditional = self._conditional(request, info, hit)
+        try:
+            response = await inner(conditional or request)
+        except Exception as exc:
+            if hit is not None and hit.usable_on_error and face.is_upstream_failure(exc):
+                return self._answer(request, method, hit, type(exc).__name__)
+            raise
+        return await self._after(request, info, hit, conditional is not None, response)
+
+    def _serve_without_asking(self, hit: Hit, info: RequestInfo) -> bool:
+        """Fresh and a plain GET/HEAD: a caller's own conditionals or Range go upstream
+        (a full 200 still answers them if the upstream then fails)."""
+        return (
+            self.cache.policy.serve_fresh
+            and hit.fresh
+            and info.header("range") is None
+            and not any(info.header(h) is not None for h in _CONDITIONALS)
+        )
+
+    def _serve_then_revalidate(self, hit: Hit, info: RequestInfo) -> bool:
+        return (
+            self.cache.policy.serve_fresh
+            and hit.state is State.STALE_REVALIDATE
+            and info.header("range") is None
+        )
+
+    def _conditional(self, request: Req, info: RequestInfo, hit: Hit | None) -> Req | None:
+        """A copy of ``request`` asking "changed since?", or None when it cannot ask."""
+        if hit is None or hit.immutable or any(info.header(h) is not None for h in _CONDITIONALS):
+            return None
+        etag, modified = hit.header("etag"), hit.header("last-modified")
+        if etag is None and modified is None:
+            return None
+        extra = []
+        if etag is not None:
+            extra.append(("if-none-match", etag))
+        if modified is not None:
+            extra.append(("if-modified-since", modified))
+        return self._face.with_headers(request, extra)
+
+    def _answer(self, request: Req, method: str, hit: Hit, reason: str) -> Resp:
+        headers = self.cache.served(hit, reason=reason)
+        body = AsyncStoredBody(None if method == "HEAD" else self.cache.aio.body(hit))
+        return self._face.build(request, hit.status, headers, body)
+
+    async def _after(
+        self,
+        request: Req,
+        info: RequestInfo,
+        hit: Hit | None,
+        asked_conditionally: bool,
+        response: Resp,
+    ) -> Resp:
+        face = self._face
+        io = self.cache.aio
+        status = face.status(response)
+        method = face.method(request)
+        if status == 304 and asked_conditionally and hit is not None:
+            await face.close(response)
+            fresh = await io.refresh(hit, face.response_headers(response))
+            return self._answer(request, method, fresh, "revalidated")
+        if (
+            hit is not None
+            and hit.usable_on_error
+            and status in self.cache.policy.fallback_statuses
+        ):
+            await face.close(response)
+            return self._answer(request, method, hit, f"status {status}")
+        if method == "GET":
+            recorder = await io.recorder(info, status, face.response_headers(response))
+            if recorder is not None:
+                recording = AsyncRecordingBody(face.body(response), recorder)
+                return face.replace_body(response, recording)
+        return response
+
+    async def _revalidate(
+        self, request: Req, info: RequestInfo, hit: Hit, inner: AsyncHandler[Req, Resp]
+    ) -> None:
+        """Refresh in the background for stale-while-revalidate (inline for sync callers)."""
+        face = self._face
+        conditional = self._conditional(request, info, hit)
+        with contextlib.suppress(Exception):
+            response = await inner(conditional or request)
+            out = await self._after(request, info, hit, conditional is not None, response)
+            body = face.body(out)
+            try:
+                async for _ in body:
+                    pass  # drain through the recorder so the new version is kept
+            finally:
+                await body.aclose()
+
+    async def aclose(self) -> None:
+        await self._tasks.aclose()
+
+
+class AsyncStoredBody:
+    """A body served from the cache (None: a HEAD answer, no body)."""
+
+    __slots__ = ("_chunks",)
+
+    def __init__(self, chunks: AsyncIterator[bytes] | None) -> None:
+        self._chunks = chunks
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        if self._chunks is not None:
+            async for chunk in self._chunks:
+                yield chunk
+
+    async def aclose(self) -> None:
+        chunks, self._chunks = self._chunks, None
+        close = getattr(chunks, "aclose", None)
+        if close is not None:
+            await close()
+
+
+class AsyncRecordingBody:
+    """The upstream body to the caller and, chunk by chunk, to the cache's recorder."""
+
+    __slots__ = ("_inner", "_recorder")
+
+    def __init__(self, inner: AsyncBody, recorder: AsyncCacheRecorder) -> None:
+        self._inner = inner
+        self._recorder = recorder
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._inner:
+                await self._recorder.feed(chunk)
+                yield chunk
+        except BaseException:
+            await self._recorder.abort()
+            raise
+        await self._recorder.finish()
+
+    async def aclose(self) -> None:
+        await self._recorder.abort()  # no-op once finished; an unread body is not kept
+        await self._inner.aclose()
+
+
+# --------------------------------------------------------------------------- the whole
+
+
+class AsyncPipeline(Generic[Req, Resp]):
+    """Cache -> coalescing -> retries for one face; ``cache=None`` leaves the cache out."""
+
+    __slots__ = ("_coalescer", "cache_layer", "core", "face")
+
+    def __init__(
+        self, core: ClientCore, face: AsyncFace[Req, Resp], cache: FallbackCache | None
+    ) -> None:
+        self.core = core
+        self.face = face
+        self.cache_layer = AsyncCacheLayer(cache, face) if cache is not None else None
+        self._coalescer = AsyncCoalescer(core, face) if core.policy.coalesce else None
+
+    async def handle(self, request: Req) -> Resp:
+        layer = self.cache_layer
+        if layer is not None:
+            return await layer.handle(request, self._shared)
+        return await self._shared(request)
+
+    async def _shared(self, request: Req) -> Resp:
+        coalescer = self._coalescer
+        if coalescer is not None:
+            key = coalescer.key(request)
+            if key is not None:
+                return await coalescer.fetch(key, request, self._send)
+        return await async_send(self.core, self.face, request)
+
+    async def _send(self, request: Req) -> Resp:
+        return await async_send(self.core, self.face, request)
+
+    async def aclose(self) -> None:
+        if self.cache_layer is not None:
+            await self.cache_layer.aclose()
