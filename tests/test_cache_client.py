@@ -3,6 +3,7 @@ registry switched off; revalidation; nothing served that should not be."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import threading
@@ -427,3 +428,89 @@ def test_sync_resilient_transport_takes_the_cache_outermost(clock: ManualClock) 
         again = client.get(url, headers=headers)
         assert again.content == first.content and again.headers["x-seawall-cache"] == "stale"
         assert len(registry.requests) > n + 1, "the resilient pipeline retried before giving up"
+
+
+async def test_a_hanging_registry_costs_fallback_after_not_the_whole_deadline(
+    clock: ManualClock,
+) -> None:
+    """With a stale copy in hand, the client gives the upstream ``fallback_after`` (5 s),
+    every attempt included, then answers from the copy; without a copy it waits for its
+    own deadline. (Before: 10 s attempts retried inside a 30 s deadline took 21 s.)"""
+    from seawall.client.httpx import ResilientTransport
+
+    registry = Registry()
+    hanging = asyncio.Event()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if registry.down == "hang":
+            hanging.set()
+            await asyncio.Event().wait()
+        return registry.handle(request)
+
+    cache = FallbackCache(policy=CachePolicy(), clock=clock)
+    transport = ResilientTransport(httpx.MockTransport(handler), clock=clock, cache=cache)
+    async with httpx.AsyncClient(transport=transport, base_url="https://registry.example") as c:
+        await pull(c)
+        clock.advance(120)  # the manifest is stale now (60 s fresh by default)
+        registry.down = "hang"
+        started = clock.now()
+        auth = {"authorization": "Bearer t", "accept": MANIFEST_TYPE}  # as pull() asked
+        task = asyncio.create_task(c.get("/v2/lib/app/manifests/latest", headers=auth))
+        while not task.done():  # the registry hangs until the driven clock moves on
+            await asyncio.sleep(0)
+            if hanging.is_set():
+                clock.advance(0.5)
+        answer = await task
+        assert answer.headers["x-seawall-cache"] == "stale"
+        assert clock.now() - started <= 5.5  # fallback_after, not 21 s
+        nothing_stored = c.get("/v2/lib/app/manifests/other", headers=auth)
+        task = asyncio.create_task(nothing_stored)
+        started = clock.now()
+        while not task.done():
+            await asyncio.sleep(0)
+            clock.advance(0.5)
+        with pytest.raises(httpx.ReadTimeout):
+            await task
+        assert clock.now() - started >= 20  # no copy: the client's own deadline applies
+
+
+def test_requests_adapter_serves_a_verified_pull_from_disk_when_the_registry_fails(
+    clock: ManualClock, tmp_path: Path
+) -> None:
+    """The requests face has the same cache: blobs verified by digest, a stale manifest,
+    streamed from a DiskStore, and a fresh answer again when the registry is back."""
+    import requests
+
+    from scripted import Answer, scripted_server
+    from seawall.cache import DiskStore
+    from seawall.client.requests import ResilientAdapter
+
+    layer = bytes(range(256)) * 4000  # ~1 MiB, more than one disk block read
+    digest = sha(layer)
+    manifest = json.dumps({"layers": [{"digest": digest}]}).encode()
+    cache = FallbackCache(DiskStore(tmp_path / "cache"), clock=clock)
+    with scripted_server() as server, requests.Session() as session:
+        session.mount("http://", ResilientAdapter(clock=clock, cache=cache))
+        up = [
+            Answer(200, {"content-type": MANIFEST_TYPE, "etag": '"m1"'}, manifest),
+            Answer(200, {"content-length": str(len(layer))}, layer, chunks=8),
+        ]
+        server.play(*up)
+        base = server.url + "/v2/lib/app"
+        m = session.get(base + "/manifests/latest", headers={"accept": MANIFEST_TYPE})
+        blob = session.get(base + "/blobs/" + digest)
+        assert m.content == manifest and blob.content == layer
+        assert "x-seawall-cache" not in m.headers
+
+        server.play(Answer(503))
+        clock.advance(3600)
+        m2 = session.get(base + "/manifests/latest", headers={"accept": MANIFEST_TYPE})
+        with session.get(base + "/blobs/" + digest, stream=True) as r:
+            pieces = list(r.iter_content(64 * 1024))
+        assert m2.content == manifest and m2.headers["x-seawall-cache"] == "stale"
+        assert r.headers["x-seawall-cache"] == "verified" and b"".join(pieces) == layer
+        assert len(pieces) > 1  # streamed from the disk store, never one lump
+
+        server.play(Answer(200, {"content-type": MANIFEST_TYPE, "etag": '"m2"'}, b'{"v":2}'))
+        m3 = session.get(base + "/manifests/latest", headers={"accept": MANIFEST_TYPE})
+        assert m3.content == b'{"v":2}' and "x-seawall-cache" not in m3.headers

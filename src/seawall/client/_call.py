@@ -12,6 +12,7 @@ from seawall.cache.keys import RequestInfo
 from seawall.client.core import BulkheadTimeout, ClientCore
 from seawall.errors import SeawallError
 from seawall.policy.retry import RetryPolicy
+from seawall.protocol import REFUSED_HEADER
 from seawall.retry import FINAL, Verdict
 
 __all__ = ["CallFaceBase", "Invocation", "default_host", "default_retry_on"]
@@ -109,6 +110,13 @@ class CallFaceBase:
         if self.retry_on(exc):
             return Verdict(True, type(exc).__name__)
         return FINAL
+
+    def refused(self, exc: BaseException) -> bool:
+        headers = getattr(getattr(exc, "response", None), "headers", None)
+        try:
+            return headers is not None and headers.get(REFUSED_HEADER) is not None
+        except Exception:
+            return False
 
     def breaker_outcome(self, exc: BaseException, policy_outcome: Outcome) -> Outcome:
         return policy_outcome

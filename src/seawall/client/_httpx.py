@@ -86,6 +86,9 @@ class HttpxFaceBase:
             return Verdict(True, type(exc).__name__)
         return FINAL
 
+    def refused(self, exc: BaseException) -> bool:
+        return False  # a transport's refusals are answers, never errors
+
     def breaker_outcome(self, exc: BaseException, policy_outcome: Outcome) -> Outcome:
         if isinstance(exc, _LOCAL_ERRORS) or not isinstance(exc, Exception):
             return Outcome.NEUTRAL

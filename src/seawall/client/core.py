@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import ClassVar, Generic, Protocol, TypeVar
 
@@ -38,6 +39,7 @@ from seawall.protocol import REFUSED_HEADER
 from seawall.retry import FINAL, Retries, RetryBudget, Verdict, parse_retry_after
 
 __all__ = [
+    "CALL_TIME_LIMIT",
     "AttemptStarted",
     "BulkheadTimeout",
     "Call",
@@ -65,6 +67,11 @@ def is_immutable_url(url: str | bytes) -> bool:
     if isinstance(url, bytes):
         return b"sha256" in url and _DIGEST_BYTES.search(url) is not None
     return "sha256" in url and _DIGEST.search(url) is not None
+
+
+CALL_TIME_LIMIT: ContextVar[float | None] = ContextVar("seawall_call_time_limit", default=None)
+"""Seconds that an outer layer allows the calls made inside it, when shorter than their
+deadline: the fallback cache sets it when it holds a copy that can answer instead."""
 
 
 # --------------------------------------------------------------------------- events, errors
@@ -298,6 +305,11 @@ class Face(Protocol[Req_contra, Resp_contra]):
         """Whether the same request may well succeed after this error."""
         ...
 
+    def refused(self, exc: BaseException) -> bool:
+        """Whether the error carries seawall's refusal (``x-seawall-refused``): the
+        application never ran, so it is neutral for the breaker and may be sent again."""
+        ...
+
     def breaker_outcome(self, exc: BaseException, policy_outcome: Outcome) -> Outcome:
         """What this error says about the host (``policy_outcome``: the breaker policy's
         reading, for errors the face has no opinion on)."""
@@ -396,7 +408,11 @@ class Call(Generic[Req, Resp]):
         self.request = request
         self.host = host = face.host(request)
         core.budget.record_attempt(host)
-        self.deadline_at = core.clock.now() + core.policy.retry.deadline
+        limit = CALL_TIME_LIMIT.get()
+        deadline = core.policy.retry.deadline
+        self.deadline_at = core.clock.now() + (
+            deadline if limit is None or limit > deadline else limit
+        )
         self._replayable: bool | None = None
         self._retries: Retries[Resp] | None = None
         self.attempts = 0
@@ -492,15 +508,19 @@ class Call(Generic[Req, Resp]):
     def failed(self, attempt: Attempt, exc: Exception) -> float:
         """Record the error; seconds to wait before trying again, or raises ``exc``."""
         core = self.core
+        face = self.face
         if attempt._local:
             raise exc
-        attempt.settle(
-            self.face.breaker_outcome(exc, classify_exception(exc, core.policy.breaker)),
-            core.clock.now(),
+        refused = face.refused(exc)
+        outcome = (
+            Outcome.NEUTRAL
+            if refused
+            else face.breaker_outcome(exc, classify_exception(exc, core.policy.breaker))
         )
-        if isinstance(exc, SeawallError) or not self.face.judge_exception(exc).retryable:
+        attempt.settle(outcome, core.clock.now())
+        if isinstance(exc, SeawallError) or not face.judge_exception(exc).retryable:
             raise exc
-        if not self._may_retry(False):
+        if not self._may_retry(refused):
             raise exc
         retries = self._retries or self._start_retries()
         return retries.after_exception(exc)

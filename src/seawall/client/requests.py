@@ -202,6 +202,9 @@ class _RequestsFace:
             return Verdict(True, type(exc).__name__)
         return FINAL
 
+    def refused(self, exc: BaseException) -> bool:
+        return False  # an adapter's refusals are answers, never errors
+
     def breaker_outcome(self, exc: BaseException, policy_outcome: Outcome) -> Outcome:
         return policy_outcome
 

@@ -15,6 +15,7 @@ from seawall.policy.base import (
     PolicyBase,
     check_int_at_least,
     check_non_negative,
+    check_positive,
 )
 
 __all__ = ["DEFAULT_EXTRACTORS", "CachePolicy"]
@@ -47,6 +48,9 @@ class CachePolicy(PolicyBase):
       extractor that a plug-in registers later (and the policy layer imports no mechanism).
     - ``serve_fresh``: the client serves fresh entries without asking the upstream.
     - ``namespace``: prefix of every store key (several caches can share one store).
+    - ``fallback_after``: with a copy that may answer for a failure, a client gives the
+      upstream this long (every attempt and wait included) before the copy answers, so a
+      hanging registry costs seconds, not the client's whole deadline (None: no limit).
     """
 
     max_bytes: int = 256 * _MIB
@@ -61,6 +65,7 @@ class CachePolicy(PolicyBase):
     extractors: tuple[str, ...] = DEFAULT_EXTRACTORS
     serve_fresh: bool = True
     namespace: str = "seawall"
+    fallback_after: float | None = 5.0
 
     def __post_init__(self) -> None:
         check_int_at_least("max_bytes", self.max_bytes, 1)
@@ -91,5 +96,7 @@ class CachePolicy(PolicyBase):
         for name in self.extractors:
             if not isinstance(name, str) or not name:
                 raise PolicyError("extractors", name, "is not an extractor name")
+        if self.fallback_after is not None:
+            check_positive("fallback_after", self.fallback_after)
         if not isinstance(self.namespace, str) or not self.namespace or "\n" in self.namespace:
             raise PolicyError("namespace", self.namespace, "must be a non-empty one-line string")

@@ -24,6 +24,7 @@ from seawall.cache.fallback import FallbackCache, Hit
 from seawall.cache.freshness import State
 from seawall.cache.keys import RequestInfo, credential_scope
 from seawall.client.core import (
+    CALL_TIME_LIMIT,
     Call,
     ClientCore,
     Face,
@@ -413,12 +414,19 @@ class AsyncCacheLayer(Generic[Req, Resp]):
             await self._tasks.start(lambda: self._revalidate(request, info, stale, inner))
             return self._answer(request, method, hit, "stale-while-revalidate")
         conditional = self._conditional(request, info, hit)
+        wait = self.cache.policy.fallback_after
+        token = None
+        if hit is not None and hit.usable_on_error and wait is not None:
+            token = CALL_TIME_LIMIT.set(wait)  # the copy answers sooner than the deadline
         try:
             response = await inner(conditional or request)
         except Exception as exc:
             if hit is not None and hit.usable_on_error and face.is_upstream_failure(exc):
                 return self._answer(request, method, hit, type(exc).__name__)
             raise
+        finally:
+            if token is not None:
+                CALL_TIME_LIMIT.reset(token)
         return await self._after(request, info, hit, conditional is not None, response)
 
     def _serve_without_asking(self, hit: Hit, info: RequestInfo) -> bool:
