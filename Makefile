@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: demo test lint typecheck bench clean unasync
+.PHONY: demo test lint typecheck bench clean unasync servers
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,16 @@ $(STAMP): pyproject.toml | $(BIN)/python
 demo: $(STAMP)
 	$(BIN)/seawall replay december-2022 --out replay-report --json replay-report/results.json
 
-test: $(STAMP)
+# Real servers for the integration tests (tests/test_real_clients.py): the CNCF
+# distribution registry from Debian's docker-registry package (installing it needs root,
+# as CI has); pypiserver comes with the dev extra. Without root the tests say what to do.
+servers:
+	@command -v docker-registry >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends docker-registry >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends docker-registry >/dev/null 2>&1; } || \
+	  echo "note: could not install docker-registry; the OCI registry tests will not run"
+
+test: $(STAMP) servers
 	$(BIN)/python scripts/generate_sync.py --check
 	$(BIN)/ruff check src tests benchmarks examples scripts
 	$(BIN)/mypy
