@@ -390,3 +390,13 @@ def test_a_blob_is_stored_only_under_the_digest_its_bytes_hash_to(
             assert hashlib.sha256(served).hexdigest() == hashlib.sha256(claimed).hexdigest()
 
     asyncio.run(scenario())
+
+
+def test_disk_store_expands_the_home_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    store = DiskStore("~/.cache/seawall")
+    assert put(store, "k", [b"data"])
+    assert (tmp_path / ".cache" / "seawall" / "seawall").is_dir()
+    assert not Path("~").exists()  # no directory literally named "~"

@@ -194,3 +194,34 @@ async def test_a_429_carried_by_an_exception_follows_the_breaker_policy(
 
     assert await breaker_after_one_call(count_429=True) == "open"
     assert await breaker_after_one_call(count_429=False) == "closed"
+
+
+def test_a_plain_def_is_guarded_synchronously(clock: ManualClock) -> None:
+    """@resilient on a plain def returns its value, not a coroutine, with the same retries."""
+    from seawall import SyncResilient
+
+    calls = 0
+
+    @resilient(POLICY, host="registry.test", clock=clock)
+    def pull(ref: str) -> str:
+        nonlocal calls
+        calls += 1
+        if calls < 2:
+            raise ConnectionResetError("peer reset")
+        return f"manifest of {ref}"
+
+    assert isinstance(pull, SyncResilient)
+    assert pull("alpine:3.20") == "manifest of alpine:3.20"
+    assert calls == 2 and len(clock.slept) == 1
+
+
+async def test_a_bare_decorator_keys_the_breaker_by_the_function_name(clock: ManualClock) -> None:
+    @resilient
+    async def fetch_index() -> str:
+        return "index"
+
+    assert await fetch_index() == "index"
+    assert fetch_index.host.endswith("fetch_index")
+    assert fetch_index.breakers is not None and fetch_index.host in fetch_index.breakers
+    with pytest.raises(TypeError, match="ClientPolicy or a function"):
+        resilient(42)  # type: ignore[call-overload]

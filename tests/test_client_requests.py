@@ -152,3 +152,16 @@ def test_timeouts_are_capped_by_the_attempt_timeout() -> None:
     custom = Timeout(connect=1, read=2)
     assert _cap(custom, 10.0) is custom  # type: ignore[arg-type]
     assert _cap(5.0, None) == 5.0
+
+
+def test_importing_the_adapter_without_requests_names_the_extra() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['requests'] = None\n"
+        "try:\n    import seawall.client.requests\n"
+        "except ImportError as e:\n    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "pip install 'seawall[requests]'" in out.stdout

@@ -41,6 +41,7 @@ from seawall.clock import SYSTEM_CLOCK, Clock
 from seawall.errors import SeawallError
 from seawall.events import DEFAULT_BUS, Event, EventBus
 from seawall.policy.breaker import BreakerPolicy
+from seawall.window import SlidingCounts
 
 __all__ = [
     "BreakerRegistry",
@@ -221,61 +222,16 @@ class _CountWindow:
         self._calls = self._failures = self._slow = 0
 
 
-class _TimeWindow:
-    """Calls of the last ``size`` seconds, in ``buckets`` buckets of ``size/buckets`` s.
+class _TimeWindow(SlidingCounts):
+    """Calls, failures and slow calls of the last ``size`` seconds (see seawall.window)."""
 
-    A bucket counts while its index is within the last ``buckets`` indices, so the window
-    spans between ``size * (buckets-1)/buckets`` and ``size`` seconds. Running totals
-    are kept and expired buckets subtracted as time rolls on: O(1) per call.
-    """
-
-    __slots__ = ("_calls", "_failures", "_head", "_n", "_ring", "_slow", "_width")
+    __slots__ = ()
 
     def __init__(self, size: float, buckets: int) -> None:
-        self._n = buckets
-        self._width = size / buckets
-        self._ring = [[0, 0, 0] for _ in range(buckets)]  # calls, failures, slow
-        self._head: int | None = None  # index of the newest bucket
-        self._calls = self._failures = self._slow = 0
+        super().__init__(size, buckets, fields=3)
 
-    def _roll(self, now: float) -> int:
-        index = math.floor(now / self._width)
-        head = self._head
-        if head is not None and index <= head:
-            return head
-        if head is None or index - head >= self._n:
-            self.clear()
-        else:
-            for i in range(head + 1, index + 1):
-                bucket = self._ring[i % self._n]
-                self._calls -= bucket[0]
-                self._failures -= bucket[1]
-                self._slow -= bucket[2]
-                bucket[0] = bucket[1] = bucket[2] = 0
-        self._head = index
-        return index
-
-    def add(self, now: float, failed: bool, slow: bool) -> tuple[int, int, int]:
-        bucket = self._ring[self._roll(now) % self._n]
-        bucket[0] += 1
-        self._calls += 1
-        if failed:
-            bucket[1] += 1
-            self._failures += 1
-        if slow:
-            bucket[2] += 1
-            self._slow += 1
-        return self._calls, self._failures, self._slow
-
-    def totals(self, now: float) -> tuple[int, int, int]:
-        self._roll(now)
-        return self._calls, self._failures, self._slow
-
-    def clear(self) -> None:
-        for bucket in self._ring:
-            bucket[0] = bucket[1] = bucket[2] = 0
-        self._head = None
-        self._calls = self._failures = self._slow = 0
+    def add(self, now: float, failed: bool, slow: bool) -> tuple[int, ...]:  # type: ignore[override]
+        return super().add(now, 1, failed, slow)
 
 
 class CircuitBreaker:

@@ -20,7 +20,6 @@ import math
 import random
 import re
 import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
@@ -33,7 +32,9 @@ from tenacity.wait import wait_base
 
 from seawall.clock import SYSTEM_CLOCK, Clock
 from seawall.events import DEFAULT_BUS, Event, EventBus
+from seawall.lru import BoundedMap
 from seawall.policy.retry import RetryPolicy
+from seawall.window import SlidingCounts
 
 __all__ = [
     "FINAL",
@@ -161,36 +162,6 @@ def full_jitter_backoff(
 # --------------------------------------------------------------------------- budget
 
 
-class _Window:
-    """Counts of first attempts and retries in ``n`` buckets covering one window."""
-
-    __slots__ = ("epoch", "firsts", "retries", "slot_firsts", "slot_retries")
-
-    def __init__(self, n: int, epoch: int) -> None:
-        self.epoch = epoch
-        self.firsts = 0
-        self.retries = 0
-        self.slot_firsts = [0] * n
-        self.slot_retries = [0] * n
-
-    def roll(self, epoch: int) -> None:
-        n = len(self.slot_firsts)
-        if epoch <= self.epoch:
-            return
-        if epoch - self.epoch >= n:
-            self.slot_firsts = [0] * n
-            self.slot_retries = [0] * n
-            self.firsts = self.retries = 0
-        else:
-            for e in range(self.epoch + 1, epoch + 1):
-                i = e % n
-                self.firsts -= self.slot_firsts[i]
-                self.retries -= self.slot_retries[i]
-                self.slot_firsts[i] = 0
-                self.slot_retries[i] = 0
-        self.epoch = epoch
-
-
 class RetryBudget:
     """Per-host allowance of retries: ``max(ratio x first attempts, min_rate x window)``.
 
@@ -202,17 +173,7 @@ class RetryBudget:
     recently used forgotten), so a crawler of many hosts cannot grow it without bound.
     """
 
-    __slots__ = (
-        "_clock",
-        "_hosts",
-        "_lock",
-        "_max_hosts",
-        "_min",
-        "_n",
-        "_ratio",
-        "_width",
-        "window",
-    )
+    __slots__ = ("_buckets", "_clock", "_hosts", "_lock", "_min", "_ratio", "window")
 
     def __init__(
         self,
@@ -229,11 +190,12 @@ class RetryBudget:
         self._ratio = float(ratio)
         self._min = float(min_retries_per_second) * float(window)
         self.window = float(window)
-        self._n = int(buckets)
-        self._width = self.window / self._n
+        self._buckets = int(buckets)
         self._clock = clock
-        self._max_hosts = int(max_hosts)
-        self._hosts: OrderedDict[str, _Window] = OrderedDict()
+        # per host: first attempts (field 0) and retries (field 1) over the window
+        self._hosts: BoundedMap[str, SlidingCounts] = BoundedMap(
+            lambda _host: SlidingCounts(self.window, self._buckets, fields=2), max_hosts
+        )
         self._lock = threading.Lock()
 
     @classmethod
@@ -248,40 +210,29 @@ class RetryBudget:
             max_hosts=max_hosts,
         )
 
-    def _window(self, host: str) -> _Window:
-        epoch = int(self._clock.now() // self._width)
-        w = self._hosts.get(host)
-        if w is None:
-            w = self._hosts[host] = _Window(self._n, epoch)
-            if len(self._hosts) > self._max_hosts:
-                self._hosts.popitem(last=False)
-        else:
-            self._hosts.move_to_end(host)
-            w.roll(epoch)
-        return w
-
     def record_attempt(self, host: str) -> None:
         """Count one first attempt (every logical call counts once)."""
+        counts = self._hosts.get(host)
         with self._lock:
-            w = self._window(host)
-            w.firsts += 1
-            w.slot_firsts[w.epoch % self._n] += 1
+            counts.add(self._clock.now(), 1, 0)
 
     def try_spend(self, host: str) -> bool:
         """Take one retry from the host's allowance; False (and nothing taken) when spent."""
+        counts = self._hosts.get(host)
         with self._lock:
-            w = self._window(host)
-            if w.retries + 1 > max(self._ratio * w.firsts, self._min):
+            now = self._clock.now()
+            firsts, retries = counts.totals(now)
+            if retries + 1 > max(self._ratio * firsts, self._min):
                 return False
-            w.retries += 1
-            w.slot_retries[w.epoch % self._n] += 1
+            counts.add(now, 0, 1)
             return True
 
     def available(self, host: str) -> float:
         """Retries the host could still take now (for tests and dashboards)."""
+        counts = self._hosts.get(host)
         with self._lock:
-            w = self._window(host)
-            return max(0.0, max(self._ratio * w.firsts, self._min) - w.retries)
+            firsts, retries = counts.totals(self._clock.now())
+        return max(0.0, max(self._ratio * firsts, self._min) - retries)
 
     def __len__(self) -> int:
         return len(self._hosts)

@@ -1,0 +1,45 @@
+"""The one sliding window (seawall.window) against a naive model of what it promises."""
+
+from __future__ import annotations
+
+import math
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from seawall.window import SlidingCounts
+
+steps = st.lists(
+    st.tuples(st.floats(0, 7, allow_nan=False), st.integers(0, 1), st.integers(0, 3)),
+    max_size=60,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(steps=steps, buckets=st.integers(1, 8), size=st.sampled_from([1.0, 2.5, 10.0]))
+def test_totals_are_what_fell_in_the_last_buckets_slices(
+    steps: list[tuple[float, int, int]], buckets: int, size: float
+) -> None:
+    window = SlidingCounts(size, buckets, fields=2)
+    width = size / buckets
+    now = 100.0
+    added: list[tuple[int, int, int]] = []  # (slice index, field, amount)
+    for dt, field, amount in steps:
+        now += dt
+        amounts = [0, 0]
+        amounts[field] = amount
+        window.add(now, *amounts)
+        added.append((math.floor(now / width), field, amount))
+        index = math.floor(now / width)
+        expected = [
+            sum(a for i, f, a in added if f == k and i > index - buckets) for k in range(2)
+        ]
+        assert list(window.totals(now)) == expected
+
+
+def test_a_gap_longer_than_the_window_forgets_everything() -> None:
+    window = SlidingCounts(10.0, 10, fields=3)
+    assert window.add(0.0, 1, 1, 0) == (1, 1, 0)
+    assert window.add(5.0, 1, 0, 1) == (2, 1, 1)
+    assert window.totals(10.5) == (1, 0, 1)  # the first slice left the window
+    assert window.totals(100.0) == (0, 0, 0)
