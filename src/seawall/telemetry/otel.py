@@ -29,6 +29,9 @@ __all__ = ["OpenTelemetryMetrics"]
 
 Handler = Callable[[Event], None]
 
+_MAX_CACHED = 4096
+"""Distinct raw label tuples per event class whose attributes are remembered."""
+
 
 def _instrument(meter: metrics.Meter, m: Metric) -> Callable[[float, dict[str, str]], None]:
     """The API call that records one value of ``m`` with its attributes."""
@@ -90,16 +93,28 @@ class OpenTelemetryMetrics:
         span_event = signal.span_event if self.spans else None
         span_attributes = signal.span_attributes
 
+        # raw label values -> attributes per instrument; bounded like the label values
+        attributes: dict[tuple[str, ...], tuple[dict[str, str], ...]] = {}
+
+        def resolve(raw: tuple[str, ...]) -> tuple[dict[str, str], ...]:
+            values = dict(zip(names, limit(names, raw), strict=True))
+            found = tuple({n: values[n] for n in metric.labels} for metric, _ in instruments)
+            if len(attributes) < _MAX_CACHED:
+                attributes[raw] = found
+            return found
+
         def handle(event: Event) -> None:
-            values = dict(zip(names, limit(names, labels(event)), strict=True)) if names else {}
-            for metric, record in instruments:
-                amount = 1 if metric.value is None else metric.value(event)
-                record(amount, {n: values[n] for n in metric.labels})
+            raw = labels(event)
+            attrs = attributes.get(raw)
+            if attrs is None:
+                attrs = resolve(raw)
+            for (metric, record), a in zip(instruments, attrs, strict=True):
+                record(1 if metric.value is None else metric.value(event), a)
             if span_event is not None:
                 span = trace.get_current_span()
                 if span.is_recording():
-                    attrs = span_attributes(event) if span_attributes is not None else None
-                    span.add_event(span_event, attributes=attrs)
+                    extra = span_attributes(event) if span_attributes is not None else None
+                    span.add_event(span_event, attributes=extra)
 
         self._handlers[cls] = handle
         return handle

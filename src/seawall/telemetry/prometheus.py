@@ -30,6 +30,9 @@ __all__ = ["PrometheusMetrics"]
 
 Handler = Callable[[Event], None]
 
+_MAX_CACHED = 4096
+"""Distinct raw label tuples per event class whose metric children are remembered."""
+
 
 class _Instrument:
     """One Prometheus metric fed by a signal, with its label children cached."""
@@ -100,19 +103,30 @@ class PrometheusMetrics:
             return None
         instruments = self._instruments[signal.event]
         names, labels, limit = signal.label_names, signal.labels, self._labels.values
+        # raw label values -> what to update; bounded (past the cap, looked up each time)
+        updates: dict[tuple[str, ...], tuple[tuple[Any, str, Any], ...]] = {}
+
+        def resolve(raw: tuple[str, ...]) -> tuple[tuple[Any, str, Any], ...]:
+            values = limit(names, raw)
+            found = tuple(
+                (inst.child(values), inst.metric.kind, inst.metric.value) for inst in instruments
+            )
+            if len(updates) < _MAX_CACHED:
+                updates[raw] = found
+            return found
 
         def handle(event: Event) -> None:
-            values = limit(names, labels(event)) if names else ()
-            for inst in instruments:
-                child = inst.child(values)
-                metric = inst.metric
-                amount = 1.0 if metric.value is None else metric.value(event)
-                if metric.kind == "counter":
-                    child.inc(amount)
-                elif metric.kind == "gauge":
-                    child.set(amount)
+            raw = labels(event)
+            todo = updates.get(raw)
+            if todo is None:
+                todo = resolve(raw)
+            for child, kind, amount in todo:
+                if kind == "counter":
+                    child.inc(1 if amount is None else amount(event))
+                elif kind == "gauge":
+                    child.set(amount(event))
                 else:
-                    child.observe(amount)
+                    child.observe(amount(event))
 
         self._handlers[cls] = handle
         return handle
