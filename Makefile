@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: demo test lint typecheck bench clean
+.PHONY: demo test lint typecheck bench docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/mypy
+	$(MAKE) --no-print-directory docs
 	SEAWALL_RUN_SLOW=1 $(BIN)/python -m pytest -q
+
+# The documentation site, strict: a broken link, anchor or nav entry fails (build/site).
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 # The figures in docs/performance.md come from these (a few minutes; --quick for a look).
 bench: $(STAMP)
