@@ -22,7 +22,14 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from seawall.policy import ClientPolicy, LimitRule, Policies, RateLimitPolicy, RetryPolicy
+from seawall.policy import (
+    CachePolicy,
+    ClientPolicy,
+    LimitRule,
+    Policies,
+    RateLimitPolicy,
+    RetryPolicy,
+)
 from seawall.retry import full_jitter_backoff
 
 __all__ = [
@@ -577,13 +584,10 @@ def _blob_cache(p: Policies, d: Deployment) -> Iterator[Finding]:
             "cache.extractors",
             "no digest extractor: blobs are not recognised as digest-addressed, so no "
             "copy is verified or served as immutable",
-            'extractors = ["oci", "fragment", "path"]',
+            "extractors = "
+            + str(list(CachePolicy().extractors)).replace("'", '"'),  # what the library ships
             BUILD_STEPS,
         )
-
-
-def _has_server(p: Policies) -> bool:
-    return p.ratelimit is not None or p.shed is not None
 
 
 def _has_any(p: Policies) -> bool:
