@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: demo test lint typecheck bench clean unasync servers
+.PHONY: demo test lint typecheck bench docs clean unasync servers
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,13 +30,19 @@ test: $(STAMP) servers
 	$(BIN)/python scripts/generate_sync.py --check
 	$(BIN)/ruff check src tests benchmarks examples scripts
 	$(BIN)/mypy
+	$(MAKE) --no-print-directory docs
 	SEAWALL_RUN_SLOW=1 $(BIN)/python -m pytest -q
+
+# The documentation site, strict: a broken link, anchor or nav entry fails (build/site).
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 # The figures in docs/performance.md come from these (a few minutes; --quick for a look).
 bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/client_overhead.py
 	$(BIN)/python benchmarks/shedding.py --out bench-out
+	$(BIN)/python benchmarks/telemetry_overhead.py
 
 # The sync client and cache code is generated from its async source (docs/design.md).
 unasync: $(STAMP)

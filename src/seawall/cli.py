@@ -1,8 +1,9 @@
-"""The ``seawall`` command: ``seawall replay PROFILE`` runs the replay lab.
+"""The ``seawall`` command: ``seawall replay PROFILE`` runs the replay lab, ``seawall check
+POLICY`` finds dangerous settings in a policy file.
 
 argparse rather than typer so that exit codes are exactly: 0 ok, 1 a verdict failed
-(only with ``--check``), 2 a usage error (bad option, unknown profile, invalid profile or
-policy file).
+(``replay --check``) or a policy has errors (``check``), 2 a usage error (bad option,
+unknown profile, invalid profile or policy file, a missing extra).
 """
 
 from __future__ import annotations
@@ -12,8 +13,14 @@ import asyncio
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from seawall.errors import PolicyError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from seawall.check import Finding
 
 __all__ = ["main"]
 
@@ -29,7 +36,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="seawall",
         description="seawall: keep artifact fetches alive when the artifact manager is overloaded.",
     )
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_check_parser(sub)
     replay = sub.add_parser(
         "replay",
         help="replay an incident's overload against a simulated artifact manager",
@@ -79,7 +88,7 @@ def _replay(args: argparse.Namespace) -> int:
         profile = load_profile(args.profile)
         scenarios = build_scenarios(args.scenario, args.policy)
     except PolicyError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        _print_error(str(exc), console)
         return EXIT_USAGE
     for s in scenarios:
         if s.missing:
@@ -153,6 +162,166 @@ def _replay(args: argparse.Namespace) -> int:
     return EXIT_VERDICT if args.check and failed else EXIT_OK
 
 
+def _version() -> str:
+    from seawall import __version__
+
+    return f"seawall {__version__}"
+
+
+def _print_error(message: str, console: Console | None = None) -> None:
+    """One error, on one line whatever the terminal's width (CI logs are grepped by line)."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    console = console if console is not None else Console(stderr=True)
+    console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
+
+
+EXTRAS: dict[str, tuple[str, ...]] = {"lab": ("matplotlib",)}
+"""Modules an extra brings that the CLI imports only when a command needs them."""
+
+
+def _missing_extra(extra: str) -> str | None:
+    """Why ``extra`` is needed and how to install it, or None when it is installed."""
+    import importlib
+
+    for module in EXTRAS[extra]:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            return (
+                f"this needs the {extra!r} extra ({module} is not installed): "
+                f"pip install 'seawall[{extra}]'"
+            )
+    return None
+
+
+def _missing_for_replay(args: argparse.Namespace) -> str | None:
+    """Charts (``--out``) need matplotlib; say which extra brings it before running."""
+    if args.out:
+        missing = _missing_extra("lab")
+        if missing:
+            return f"seawall replay --out: {missing}"
+    return None
+
+
+# --------------------------------------------------------------------------- seawall check
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a number greater than 0")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def _add_check_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    check = sub.add_parser(
+        "check",
+        help="find settings in a policy file that turn an overload into an outage",
+        description=(
+            "Check a seawall policy file (what load_policies reads) for settings that "
+            "turn an overload into an outage: retry amplification, rate limits and "
+            "breakers that cannot work at the declared capacity, sheddable health "
+            "checks, no fallback copies. Exit 1 when a finding is an error."
+        ),
+    )
+    check.add_argument("policy", metavar="POLICY.toml", nargs="?", help="the policy file to check")
+    check.add_argument(
+        "--capacity",
+        type=_positive_float,
+        metavar="RPS",
+        help="requests per second the protected upstream serves at best",
+    )
+    check.add_argument(
+        "--clients",
+        type=_positive_int,
+        metavar="N",
+        help="how many clients (processes, CI runners, rate-limit keys) call it",
+    )
+    check.add_argument("--json", action="store_true", help="print the findings as JSON")
+    check.add_argument(
+        "--list-rules", action="store_true", help="list every rule and exit (POLICY ignored)"
+    )
+
+
+def _check(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+
+    from seawall.check import RULES, check_policies, exit_code, report_dict
+    from seawall.policy import load_policies
+
+    out = Console(soft_wrap=True, highlight=False)
+    if args.list_rules:
+        for rule in RULES:
+            out.print(f"{rule.id:<34} {rule.severity:<8} {rule.summary}")
+        return EXIT_OK
+    if args.policy is None:
+        _print_error("seawall check: give a POLICY.toml to check (or --list-rules)")
+        return EXIT_USAGE
+    try:
+        policies = load_policies(args.policy)
+    except PolicyError as exc:
+        _print_error(str(exc))
+        return EXIT_USAGE
+    findings = check_policies(policies, capacity=args.capacity, clients=args.clients)
+    if args.json:
+        doc = report_dict(findings, path=args.policy, capacity=args.capacity, clients=args.clients)
+        print(json.dumps(doc, indent=2))
+    else:
+        _print_findings(out, findings, args)
+    return exit_code(findings)
+
+
+_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
+
+
+def _print_findings(out: Console, findings: Sequence[Finding], args: argparse.Namespace) -> None:
+    """One block per finding; every line is one physical line (soft wrap) for CI logs."""
+    from rich.markup import escape
+
+    from seawall.check import summary
+
+    given = []
+    if args.capacity is not None:
+        given.append(f"capacity {args.capacity:g} req/s")
+    if args.clients is not None:
+        given.append(f"{args.clients} clients")
+    out.print(f"[bold]{escape(args.policy)}[/bold]" + (f" ({', '.join(given)})" if given else ""))
+    for f in findings:
+        where = f" [dim]{escape(f.field)}[/dim]" if f.field else ""
+        out.print(f"[{_STYLE[f.severity]}]{f.severity}[/] [bold]{f.rule}[/bold]{where}")
+        out.print(f"  {escape(f.message)}")
+        out.print(f"  [green]suggest:[/green] {escape(f.suggestion)}")
+        if f.cause:
+            out.print(f"  [dim]{escape(f.cause)}[/dim]")
+    counts = summary(findings)
+    verdict = "[red]fails[/red]" if counts["error"] else "[green]passes[/green]"
+    out.print(
+        f"{verdict}: {_count(counts['error'], 'error')}, "
+        f"{_count(counts['warning'], 'warning')}, {_count(counts['info'], 'note')}"
+    )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point (``seawall = "seawall.cli:main"``); returns the exit code."""
     parser = _parser()
@@ -164,7 +333,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     if args.command == "replay":
+        missing = _missing_for_replay(args)
+        if missing:
+            _print_error(missing)
+            return EXIT_USAGE
         return _replay(args)
+    if args.command == "check":
+        return _check(args)
     return EXIT_USAGE  # pragma: no cover - argparse rejects unknown commands
 
 
