@@ -30,8 +30,6 @@ FENCE = re.compile(r"^```(\w*)\s*$")
 KNOWN_FAILING: dict[str, str] = {
     "docs/breaker.md#1": "await outside a function; `client`, `log` undefined",
     "docs/breaker.md#2": "fragment: `breaker`, `clock`, `send` undefined",
-    "docs/client.md#4": "`httpx` not imported",
-    "docs/client.md#5": "`httpx` not imported",
     "docs/shedding.md#2": "`app` and `LoadShedMiddleware` undefined",
 }
 

@@ -24,7 +24,7 @@ from typing import Any, Literal
 from seawall.breaker import BreakerRejected, BreakerState, BreakerStateChanged
 from seawall.cache.fallback import CacheCorrupt, CacheRejected, CacheServed, CacheStored
 from seawall.cache.store import CacheEvicted, CacheWritesDisabled
-from seawall.client.httpx import RequestCoalesced
+from seawall.client.core import AttemptStarted, RequestCoalesced
 from seawall.events import Event
 from seawall.ratelimit import RateLimitAdmitted, RateLimited, RateLimitStorageFailed
 from seawall.retry import RetriesExhausted, RetryAfterHonoured, RetryBudgetExhausted, RetryScheduled
@@ -428,6 +428,19 @@ SIGNALS: tuple[Signal, ...] = (
                 f"({e.why}; last: {e.reason})"
             ),
             key=("upstream", "why"),
+        ),
+    ),
+    Signal(
+        AttemptStarted,
+        ("upstream",),
+        lambda e: (e.host,),
+        (
+            Metric(
+                "counter",
+                "seawall_client_attempts",
+                "Attempts sent upstream (first attempts and retries), after admission",
+                ("upstream",),
+            ),
         ),
     ),
     Signal(
