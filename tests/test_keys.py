@@ -7,7 +7,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from seawall.keys import bounded, client_address, make_key_func
+from seawall.ratelimit_keys import bounded, client_address, make_key_func
 
 PEER = ("192.0.2.10", 5555)
 

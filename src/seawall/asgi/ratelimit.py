@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from seawall.asgi._http import retry_after_seconds, send_problem
 from seawall.clock import SYSTEM_CLOCK, Clock
 from seawall.events import EventBus
-from seawall.keys import KeyFunc, make_key_func
+from seawall.ratelimit_keys import KeyFunc, make_key_func
 from seawall.policy.ratelimit import RateLimitPolicy
 from seawall.protocol import REFUSED_HEADER
 from seawall.ratelimit import Decision, RateLimiter

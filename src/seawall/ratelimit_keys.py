@@ -1,4 +1,4 @@
-"""Rate-limit keys from an ASGI scope, safe against hostile input.
+"""Rate-limit client keys from an ASGI scope (who is this request?), safe against hostile input.
 
 Three rules keep keys trustworthy and cheap:
 
@@ -29,7 +29,7 @@ from starlette.types import Scope
 
 __all__ = ["KeyFunc", "bounded", "client_address", "make_key_func"]
 
-log = logging.getLogger("seawall.keys")
+log = logging.getLogger("seawall.ratelimit_keys")
 
 KeyFunc = Callable[[Scope], str]
 
