@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from seawall.ratelimit_keys import bounded, client_address, make_key_func
 
 PEER = ("192.0.2.10", 5555)
+ANY = ("*",)  # every peer is a trusted proxy: these tests are about parsing the header
 
 
 def scope(headers: list[tuple[bytes, bytes]] | None = None, client: Any = PEER) -> dict[str, Any]:
@@ -29,22 +30,22 @@ def test_default_ignores_forwarding_headers_entirely() -> None:
 def test_one_trusted_hop_takes_the_rightmost_entry() -> None:
     # The client spoofed "6.6.6.6"; our proxy appended the real address "203.0.113.7".
     s = xff(b"6.6.6.6, 203.0.113.7")
-    assert client_address(s, trusted_proxy_hops=1) == "ip:203.0.113.7"
-    assert client_address(s, trusted_proxy_hops=2) == "ip:6.6.6.6"
+    assert client_address(s, trusted_proxies=ANY, trusted_proxy_hops=1) == "ip:203.0.113.7"
+    assert client_address(s, trusted_proxies=ANY, trusted_proxy_hops=2) == "ip:6.6.6.6"
 
 
 def test_spoofing_left_of_trusted_hops_changes_nothing() -> None:
     honest = xff(b"203.0.113.7")
     for spoof in (b"1.1.1.1", b"garbage", b"", b"x" * 100_000, b"::1"):
         spoofed = xff(spoof + b", 203.0.113.7")
-        assert client_address(spoofed, trusted_proxy_hops=1) == client_address(
-            honest, trusted_proxy_hops=1
+        assert client_address(spoofed, trusted_proxies=ANY, trusted_proxy_hops=1) == client_address(
+            honest, trusted_proxies=ANY, trusted_proxy_hops=1
         )
 
 
 def test_multiple_header_lines_are_one_list() -> None:
     s = scope([(b"x-forwarded-for", b"6.6.6.6"), (b"x-forwarded-for", b"203.0.113.7")])
-    assert client_address(s, trusted_proxy_hops=1) == "ip:203.0.113.7"
+    assert client_address(s, trusted_proxies=ANY, trusted_proxy_hops=1) == "ip:203.0.113.7"
 
 
 def test_malformed_empty_short_and_long_fall_back_to_the_peer() -> None:
@@ -57,15 +58,15 @@ def test_malformed_empty_short_and_long_fall_back_to_the_peer() -> None:
         b"1" * 10_000,
         b",".join([b"1.2.3.4"] * 50_000) + b",junk",
     ):
-        assert client_address(xff(value), trusted_proxy_hops=1) == "ip:192.0.2.10", value[:20]
+        assert client_address(xff(value), trusted_proxies=ANY, trusted_proxy_hops=1) == "ip:192.0.2.10", value[:20]
     # fewer entries than trusted hops: the request did not pass through all our proxies
-    assert client_address(xff(b"203.0.113.7"), trusted_proxy_hops=3) == "ip:192.0.2.10"
+    assert client_address(xff(b"203.0.113.7"), trusted_proxies=ANY, trusted_proxy_hops=3) == "ip:192.0.2.10"
 
 
 def test_ports_brackets_and_ipv6_grouping() -> None:
-    assert client_address(xff(b"203.0.113.7:8080"), trusted_proxy_hops=1) == "ip:203.0.113.7"
-    a = client_address(xff(b"[2001:db8::1]:443"), trusted_proxy_hops=1)
-    b = client_address(xff(b"2001:db8::ffff"), trusted_proxy_hops=1)
+    assert client_address(xff(b"203.0.113.7:8080"), trusted_proxies=ANY, trusted_proxy_hops=1) == "ip:203.0.113.7"
+    a = client_address(xff(b"[2001:db8::1]:443"), trusted_proxies=ANY, trusted_proxy_hops=1)
+    b = client_address(xff(b"2001:db8::ffff"), trusted_proxies=ANY, trusted_proxy_hops=1)
     assert a == b == "ip:2001:db8::~64"  # one /64 is one client
     assert client_address(scope(client=("::ffff:10.0.0.1", 1))) == "ip:10.0.0.1"
     assert client_address(scope(client=("2001:db8::1", 1)), ipv6_prefix=128) == "ip:2001:db8::1"
@@ -74,20 +75,20 @@ def test_ports_brackets_and_ipv6_grouping() -> None:
 def test_rfc7239_forwarded() -> None:
     value = b'for=6.6.6.6;proto=http, for="[2001:db8:cafe::17]:4711";by=10.0.0.1'
     s = scope([(b"forwarded", value)])
-    assert client_address(s, trusted_proxy_hops=1, proxy_header="forwarded") == (
+    assert client_address(s, trusted_proxies=ANY, trusted_proxy_hops=1, proxy_header="forwarded") == (
         "ip:2001:db8:cafe::~64"
     )
-    assert client_address(s, trusted_proxy_hops=2, proxy_header="forwarded") == "ip:6.6.6.6"
+    assert client_address(s, trusted_proxies=ANY, trusted_proxy_hops=2, proxy_header="forwarded") == "ip:6.6.6.6"
     empty_elements = scope([(b"forwarded", b"for=203.0.113.9, ,")])  # RFC 9110: ignored
-    assert client_address(empty_elements, trusted_proxy_hops=1, proxy_header="forwarded") == (
+    assert client_address(empty_elements, trusted_proxies=ANY, trusted_proxy_hops=1, proxy_header="forwarded") == (
         "ip:203.0.113.9"
     )
     hostile = scope([(b"forwarded", b'for="' + b'a,"\\' * 30_000)])
-    assert client_address(hostile, trusted_proxy_hops=2, proxy_header="forwarded") == (
+    assert client_address(hostile, trusted_proxies=ANY, trusted_proxy_hops=2, proxy_header="forwarded") == (
         "ip:192.0.2.10"
     )
     odd = scope([(b"forwarded", b'for="_hidden", for=unknown;x="a,b"')])
-    assert client_address(odd, trusted_proxy_hops=1, proxy_header="forwarded") == "ip:192.0.2.10"
+    assert client_address(odd, trusted_proxies=ANY, trusted_proxy_hops=1, proxy_header="forwarded") == "ip:192.0.2.10"
 
 
 def test_missing_or_odd_client() -> None:
@@ -153,7 +154,7 @@ clients = st.one_of(
 def test_any_header_bytes_any_client_never_raise(
     values: list[tuple[bytes, bytes]], client: Any, hops: int, source: str, proxy_header: str
 ) -> None:
-    func = make_key_func(source, trusted_proxy_hops=hops, proxy_header=proxy_header)
+    func = make_key_func(source, trusted_proxies=ANY, trusted_proxy_hops=hops, proxy_header=proxy_header)
     key = func(scope(values, client))
     assert isinstance(key, str)
     assert 0 < len(key) <= 80
@@ -169,6 +170,6 @@ def test_any_header_bytes_any_client_never_raise(
 def test_same_trusted_input_same_key_whatever_the_client_prepends(
     real: str, junk: list[bytes]
 ) -> None:
-    honest = client_address(xff(real.encode()), trusted_proxy_hops=1)
-    spoofed = client_address(xff(b",".join([*junk, real.encode()])), trusted_proxy_hops=1)
+    honest = client_address(xff(real.encode()), trusted_proxies=ANY, trusted_proxy_hops=1)
+    spoofed = client_address(xff(b",".join([*junk, real.encode()])), trusted_proxies=ANY, trusted_proxy_hops=1)
     assert honest == spoofed == f"ip:{real}"

@@ -124,6 +124,7 @@ async def test_per_tenant_isolation_and_a_global_cap() -> None:
     policy = RateLimitPolicy(
         limit="3/minute",
         key="header:x-tenant",
+        header_keys_verified=True,  # both tenants come through one peer
         rules=(LimitRule("5/minute", key="global", name="global"),),
     )
     app = make_app(policy, events=EventBus())
@@ -136,7 +137,8 @@ async def test_per_tenant_isolation_and_a_global_cap() -> None:
 
 
 async def test_tenant_exhaustion_does_not_touch_other_tenants() -> None:
-    app = make_app(RateLimitPolicy(limit="2/minute", key="header:x-tenant"), events=EventBus())
+    policy = RateLimitPolicy(limit="2/minute", key="header:x-tenant", header_keys_verified=True)
+    app = make_app(policy, events=EventBus())
     async with client(app) as c:
         for _ in range(5):
             await c.get("/", headers={"x-tenant": "noisy"})
@@ -158,7 +160,8 @@ async def test_spoofed_forwarded_for_changes_nothing_by_default() -> None:
 
 
 async def test_trusted_hop_keys_by_forwarded_address() -> None:
-    app = make_app(RateLimitPolicy(limit="1/minute", trusted_proxy_hops=1), events=EventBus())
+    policy = RateLimitPolicy(limit="1/minute", trusted_proxies={"10.9.9.9"}, trusted_proxy_hops=1)
+    app = make_app(policy, events=EventBus())
     async with client(app, peer="10.9.9.9") as c:  # the proxy
         one = await c.get("/", headers={"x-forwarded-for": "6.6.6.6, 203.0.113.1"})
         two = await c.get("/", headers={"x-forwarded-for": "7.7.7.7, 203.0.113.2"})
@@ -370,6 +373,7 @@ def test_hostile_requests_never_raise_or_5xx(
     policy = RateLimitPolicy(
         limit="1/minute",
         key="header:x-tenant",
+        trusted_proxies={"*"} if hops else frozenset(),
         trusted_proxy_hops=hops,
         rules=(LimitRule("2/minute", key="client", name="ip"),),
     )

@@ -39,7 +39,10 @@ def test_several_rates_and_rules() -> None:
         costs={"/v2/*/blobs/*": 5},
     )
     assert [i.amount for i in policy.items] == [10, 500]
-    assert [r.name for r in policy.all_rules()] == ["default", "global"]
+    # An unverified header key also applies per client address (its "-client" twin).
+    assert [r.name for r in policy.all_rules()] == ["default", "global", "default-client"]
+    assert policy.all_rules()[2].key == "client"
+    assert policy.replace(header_keys_verified=True).all_rules()[-1].name == "global"
     cost = policy.cost_of()
     assert cost("/v2/library/alpine/blobs/sha256:abc") == 5
     assert cost("/v2/library/alpine/manifests/latest") == 1
@@ -63,7 +66,7 @@ BAD: list[tuple[dict[str, Any], str, str]] = [
     ({"costs": {"blobs": 2}}, "costs", "starting with '/'"),
     ({"costs": {"/blobs": 0}}, "costs['/blobs']", "at least 1"),
     ({"limit": "3/second", "costs": {"/blobs": 4}}, "costs['/blobs']", "never pass"),
-    ({"strategy": "token-bucket"}, "strategy", "is not one of"),
+    ({"strategy": "leaky-bucket"}, "strategy", "is not one of"),
     ({"storage": "localhost:6379"}, "storage", "storage URI"),
     ({"storage": "memcached://x:1"}, "storage", "unknown scheme"),
     ({"storage_timeout": 0}, "storage_timeout", "greater than 0"),
@@ -119,6 +122,7 @@ def test_from_toml_builds_the_same_policy() -> None:
     text = """
     limit = "20/second;600/minute"
     key = "header:x-tenant"
+    trusted_proxies = ["10.0.0.0/8"]
     trusted_proxy_hops = 1
     exempt_paths = ["/healthz"]
     [costs]
