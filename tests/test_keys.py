@@ -7,10 +7,25 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from seawall.ratelimit_keys import bounded, client_address, make_key_func
+from seawall.ratelimit_keys import bounded
+from seawall.ratelimit_keys import client_address as _client_address
+from seawall.ratelimit_keys import make_key_func as _make_key_func
 
 PEER = ("192.0.2.10", 5555)
-ANY = ("*",)  # every peer is a trusted proxy: these tests are about parsing the header
+ANY = ("*",)  # every peer is a trusted proxy: most tests here are about parsing the header
+
+
+def client_address(scope: dict[str, Any], **options: Any) -> str:
+    """With hops, trust any peer (the proxy-address checks have tests of their own)."""
+    if options.get("trusted_proxy_hops"):
+        options.setdefault("trusted_proxies", ANY)
+    return _client_address(scope, **options)
+
+
+def make_key_func(source: Any, **options: Any) -> Any:
+    if options.get("trusted_proxy_hops"):
+        options.setdefault("trusted_proxies", ANY)
+    return _make_key_func(source, **options)
 
 
 def scope(headers: list[tuple[bytes, bytes]] | None = None, client: Any = PEER) -> dict[str, Any]:
@@ -30,22 +45,22 @@ def test_default_ignores_forwarding_headers_entirely() -> None:
 def test_one_trusted_hop_takes_the_rightmost_entry() -> None:
     # The client spoofed "6.6.6.6"; our proxy appended the real address "203.0.113.7".
     s = xff(b"6.6.6.6, 203.0.113.7")
-    assert client_address(s, trusted_proxies=ANY, trusted_proxy_hops=1) == "ip:203.0.113.7"
-    assert client_address(s, trusted_proxies=ANY, trusted_proxy_hops=2) == "ip:6.6.6.6"
+    assert client_address(s, trusted_proxy_hops=1) == "ip:203.0.113.7"
+    assert client_address(s, trusted_proxy_hops=2) == "ip:6.6.6.6"
 
 
 def test_spoofing_left_of_trusted_hops_changes_nothing() -> None:
     honest = xff(b"203.0.113.7")
     for spoof in (b"1.1.1.1", b"garbage", b"", b"x" * 100_000, b"::1"):
         spoofed = xff(spoof + b", 203.0.113.7")
-        assert client_address(spoofed, trusted_proxies=ANY, trusted_proxy_hops=1) == client_address(
-            honest, trusted_proxies=ANY, trusted_proxy_hops=1
+        assert client_address(spoofed, trusted_proxy_hops=1) == client_address(
+            honest, trusted_proxy_hops=1
         )
 
 
 def test_multiple_header_lines_are_one_list() -> None:
     s = scope([(b"x-forwarded-for", b"6.6.6.6"), (b"x-forwarded-for", b"203.0.113.7")])
-    assert client_address(s, trusted_proxies=ANY, trusted_proxy_hops=1) == "ip:203.0.113.7"
+    assert client_address(s, trusted_proxy_hops=1) == "ip:203.0.113.7"
 
 
 def test_malformed_empty_short_and_long_fall_back_to_the_peer() -> None:
@@ -58,15 +73,15 @@ def test_malformed_empty_short_and_long_fall_back_to_the_peer() -> None:
         b"1" * 10_000,
         b",".join([b"1.2.3.4"] * 50_000) + b",junk",
     ):
-        assert client_address(xff(value), trusted_proxies=ANY, trusted_proxy_hops=1) == "ip:192.0.2.10", value[:20]
+        assert client_address(xff(value), trusted_proxy_hops=1) == "ip:192.0.2.10", value[:20]
     # fewer entries than trusted hops: the request did not pass through all our proxies
-    assert client_address(xff(b"203.0.113.7"), trusted_proxies=ANY, trusted_proxy_hops=3) == "ip:192.0.2.10"
+    assert client_address(xff(b"203.0.113.7"), trusted_proxy_hops=3) == "ip:192.0.2.10"
 
 
 def test_ports_brackets_and_ipv6_grouping() -> None:
-    assert client_address(xff(b"203.0.113.7:8080"), trusted_proxies=ANY, trusted_proxy_hops=1) == "ip:203.0.113.7"
-    a = client_address(xff(b"[2001:db8::1]:443"), trusted_proxies=ANY, trusted_proxy_hops=1)
-    b = client_address(xff(b"2001:db8::ffff"), trusted_proxies=ANY, trusted_proxy_hops=1)
+    assert client_address(xff(b"203.0.113.7:8080"), trusted_proxy_hops=1) == "ip:203.0.113.7"
+    a = client_address(xff(b"[2001:db8::1]:443"), trusted_proxy_hops=1)
+    b = client_address(xff(b"2001:db8::ffff"), trusted_proxy_hops=1)
     assert a == b == "ip:2001:db8::~64"  # one /64 is one client
     assert client_address(scope(client=("::ffff:10.0.0.1", 1))) == "ip:10.0.0.1"
     assert client_address(scope(client=("2001:db8::1", 1)), ipv6_prefix=128) == "ip:2001:db8::1"
@@ -75,20 +90,20 @@ def test_ports_brackets_and_ipv6_grouping() -> None:
 def test_rfc7239_forwarded() -> None:
     value = b'for=6.6.6.6;proto=http, for="[2001:db8:cafe::17]:4711";by=10.0.0.1'
     s = scope([(b"forwarded", value)])
-    assert client_address(s, trusted_proxies=ANY, trusted_proxy_hops=1, proxy_header="forwarded") == (
+    assert client_address(s, trusted_proxy_hops=1, proxy_header="forwarded") == (
         "ip:2001:db8:cafe::~64"
     )
-    assert client_address(s, trusted_proxies=ANY, trusted_proxy_hops=2, proxy_header="forwarded") == "ip:6.6.6.6"
+    assert client_address(s, trusted_proxy_hops=2, proxy_header="forwarded") == "ip:6.6.6.6"
     empty_elements = scope([(b"forwarded", b"for=203.0.113.9, ,")])  # RFC 9110: ignored
-    assert client_address(empty_elements, trusted_proxies=ANY, trusted_proxy_hops=1, proxy_header="forwarded") == (
+    assert client_address(empty_elements, trusted_proxy_hops=1, proxy_header="forwarded") == (
         "ip:203.0.113.9"
     )
     hostile = scope([(b"forwarded", b'for="' + b'a,"\\' * 30_000)])
-    assert client_address(hostile, trusted_proxies=ANY, trusted_proxy_hops=2, proxy_header="forwarded") == (
+    assert client_address(hostile, trusted_proxy_hops=2, proxy_header="forwarded") == (
         "ip:192.0.2.10"
     )
     odd = scope([(b"forwarded", b'for="_hidden", for=unknown;x="a,b"')])
-    assert client_address(odd, trusted_proxies=ANY, trusted_proxy_hops=1, proxy_header="forwarded") == "ip:192.0.2.10"
+    assert client_address(odd, trusted_proxy_hops=1, proxy_header="forwarded") == "ip:192.0.2.10"
 
 
 def test_missing_or_odd_client() -> None:
@@ -154,7 +169,7 @@ clients = st.one_of(
 def test_any_header_bytes_any_client_never_raise(
     values: list[tuple[bytes, bytes]], client: Any, hops: int, source: str, proxy_header: str
 ) -> None:
-    func = make_key_func(source, trusted_proxies=ANY, trusted_proxy_hops=hops, proxy_header=proxy_header)
+    func = make_key_func(source, trusted_proxy_hops=hops, proxy_header=proxy_header)
     key = func(scope(values, client))
     assert isinstance(key, str)
     assert 0 < len(key) <= 80
@@ -170,6 +185,43 @@ def test_any_header_bytes_any_client_never_raise(
 def test_same_trusted_input_same_key_whatever_the_client_prepends(
     real: str, junk: list[bytes]
 ) -> None:
-    honest = client_address(xff(real.encode()), trusted_proxies=ANY, trusted_proxy_hops=1)
-    spoofed = client_address(xff(b",".join([*junk, real.encode()])), trusted_proxies=ANY, trusted_proxy_hops=1)
+    honest = client_address(xff(real.encode()), trusted_proxy_hops=1)
+    spoofed = client_address(xff(b",".join([*junk, real.encode()])), trusted_proxy_hops=1)
     assert honest == spoofed == f"ip:{real}"
+
+
+# --- issue 13: forwarding headers count only from configured proxy addresses ------------
+
+
+def test_hop_count_alone_no_longer_lets_a_direct_client_pick_its_key() -> None:
+    """Issue 13: with trusted_proxy_hops=1 and the app reachable directly, a client picked
+    any key, a victim's address included. Now the peer must be a configured proxy."""
+    direct = xff(b"203.0.113.99", client=("198.51.100.23", 1))  # not via our proxy
+    via_proxy = xff(b"203.0.113.99", client=("10.0.0.5", 1))
+    trust = {"trusted_proxies": ("10.0.0.0/8",), "trusted_proxy_hops": 1}
+    assert _client_address(direct, **trust) == "ip:198.51.100.23"
+    assert _client_address(via_proxy, **trust) == "ip:203.0.113.99"
+
+
+def test_recursive_walk_skips_our_own_proxies_like_nginx_real_ip_recursive() -> None:
+    proxies = ("10.0.0.0/8", "2001:db8:ffff::/48")
+    chain = xff(b"6.6.6.6, 203.0.113.7, 10.1.2.3, 10.0.0.9", client=("10.0.0.1", 1))
+    assert _client_address(chain, trusted_proxies=proxies) == "ip:203.0.113.7"
+    spoofed_inner = xff(b"10.9.9.9", client=("10.0.0.1", 1))  # every entry is ours
+    assert _client_address(spoofed_inner, trusted_proxies=proxies) == "ip:10.9.9.9"
+    v6_proxy = scope([(b"x-forwarded-for", b"203.0.113.8")], client=("2001:db8:ffff::2", 1))
+    assert _client_address(v6_proxy, trusted_proxies=proxies) == "ip:203.0.113.8"
+    mapped = scope([(b"x-forwarded-for", b"203.0.113.8")], client=("::ffff:10.0.0.1", 1))
+    assert _client_address(mapped, trusted_proxies=proxies) == "ip:203.0.113.8"
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    peer=st.ip_addresses(v=4).map(str),
+    header=st.binary(max_size=120),
+)
+def test_an_untrusted_peer_is_its_own_key_whatever_it_writes(peer: str, header: bytes) -> None:
+    func = _make_key_func("client", trusted_proxies=("10.0.0.0/8",))
+    key = func(scope([(b"x-forwarded-for", header), (b"forwarded", header)], (peer, 1)))
+    if not peer.startswith("10."):
+        assert key == f"ip:{peer}"

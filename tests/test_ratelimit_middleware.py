@@ -395,3 +395,28 @@ def test_hostile_requests_never_raise_or_5xx(
     assert all(s in (200, 429) for s in statuses)
     if path not in policy.exempt_paths:
         assert statuses[1] == 429  # the same input got the same key: its one request is used
+
+
+async def test_random_header_values_no_longer_buy_fresh_quotas() -> None:
+    """Issue 13: key="header:x-api-key" with a random value per request admitted 50 of 50
+    at 5/minute. An unverified header key now also applies per client address."""
+    app = make_app(RateLimitPolicy(limit="5/minute", key="header:x-api-key"), events=EventBus())
+    async with client(app) as c:
+        codes = [
+            (await c.get("/", headers={"x-api-key": f"k{i}"})).status_code for i in range(50)
+        ]
+        other = await c.get("/", headers={"x-api-key": "k0"})  # another client, same key
+    assert codes.count(200) == 5
+    assert other.status_code == 429  # "k0" has 1 of 5 left, but this address none
+
+
+async def test_verified_header_keys_stand_alone() -> None:
+    """Behind a gateway that authenticates the header, tenants behind one address do not
+    share a quota."""
+    policy = RateLimitPolicy(limit="2/minute", key="header:x-tenant", header_keys_verified=True)
+    app = make_app(policy, events=EventBus())
+    async with client(app) as c:
+        codes = [
+            (await c.get("/", headers={"x-tenant": t})).status_code for t in "aabbcc"
+        ]
+    assert codes == [200] * 6

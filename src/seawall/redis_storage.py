@@ -241,7 +241,7 @@ def redis_client(
         socket_connect_timeout=timeout,
         retry=Retry(NoBackoff(), 0),
     )
-    return Redis(connection_pool=pool, auto_close_connection_pool=True)
+    return Redis.from_pool(pool)  # the client owns the pool: aclose() disconnects it
 
 
 class RedisLimitStorage:

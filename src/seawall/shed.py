@@ -38,6 +38,7 @@ __all__ = [
     "Waiter",
 ]
 
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RequestShed(Event):
     """A request was refused: ``queue_full``, ``expired`` (waited too long) or ``displaced``."""

@@ -320,8 +320,9 @@ class BoundedMemoryStorage(Storage, MovingWindowSupport, SlidingWindowCounterSup
 
     @staticmethod
     def _window_keys(key: str, expiry: float, at: float) -> tuple[str, str]:
-        # Same naming as limits.storage.base.TimestampedSlidingWindow.
-        return f"{key}/{int((at - expiry) / expiry)}", f"{key}/{int(at / expiry)}"
+        # limits.storage.base.TimestampedSlidingWindow's naming, with floor() where it has
+        # int(): in the first window after the epoch int() made both names the same.
+        return f"{key}/{floor((at - expiry) / expiry)}", f"{key}/{floor(at / expiry)}"
 
     def _sliding_info(self, key: str, expiry: float, now: float) -> tuple[int, float, int, float]:
         previous_key, current_key = self._window_keys(key, expiry, now)
@@ -426,8 +427,10 @@ class BoundedMemoryStorage(Storage, MovingWindowSupport, SlidingWindowCounterSup
         remaining = max(0, limit - floor(weighted))
         if not (prev_count or cur_count):
             return weighted, (remaining, 0.0)
+        # The previous window's weight drops by one every expiry / prev_count seconds; the
+        # current count stays until its window ends (cur_ttl is that plus one window).
         prev_reset = prev_ttl % (expiry / prev_count) if prev_count else inf
-        cur_reset = cur_ttl % expiry if cur_count else inf
+        cur_reset = cur_ttl - expiry if cur_count else inf
         return weighted, (remaining, max(0.0, min(prev_reset, cur_reset)))
 
     def _sliding_test(

@@ -30,8 +30,8 @@ from seawall.events import EventBus
 from seawall.policy.ratelimit import RateLimitPolicy
 from seawall.protocol import REFUSED_HEADER
 from seawall.ratelimit import Decision, RateLimiter
-from seawall.redis_storage import RedisLimitStorage
 from seawall.ratelimit_keys import KeyFunc, make_key_func
+from seawall.redis_storage import RedisLimitStorage
 
 __all__ = ["RateLimitMiddleware"]
 
