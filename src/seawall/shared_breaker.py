@@ -65,7 +65,8 @@ epoch = epoch + 1
 redis.call('HSET', KEYS[1], 'state', 'open', 'epoch', epoch, 'until', now + open_ms,
            'owner', '', 'lease', 0)
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('PUBLISH', ARGV[4], ARGV[5] .. '\\n' .. epoch .. '\\nopen\\n' .. open_ms .. '\\n' .. ARGV[2])
+local message = ARGV[5] .. '\\n' .. epoch .. '\\nopen\\n' .. open_ms .. '\\n' .. ARGV[2]
+redis.call('PUBLISH', ARGV[4], message)
 return {1, epoch, open_ms}
 """
 )
