@@ -53,6 +53,7 @@ from seawall.policy import (
     load_policies,
 )
 from seawall.ratelimit import RateLimitAdmitted, RateLimited, RateLimiter, RateLimitStorageFailed
+from seawall.redis_storage import RedisLimitStorage
 from seawall.retry import (
     RetriesExhausted,
     RetryAfterHonoured,
@@ -61,6 +62,7 @@ from seawall.retry import (
     RetryScheduled,
     parse_retry_after,
 )
+from seawall.shared_breaker import SharedBreakerState
 from seawall.shed import ConcurrencyLimitChanged, ConcurrencyLimiter, RequestShed
 
 __version__ = "0.1.0"
@@ -107,6 +109,7 @@ __all__ = [
     "RateLimitStorageFailed",
     "RateLimited",
     "RateLimiter",
+    "RedisLimitStorage",
     "RequestClass",
     "RequestCoalesced",
     "RequestShed",
@@ -120,6 +123,7 @@ __all__ = [
     "RetryPolicy",
     "RetryScheduled",
     "SeawallError",
+    "SharedBreakerState",
     "ShedPolicy",
     "Store",
     "SystemClock",
