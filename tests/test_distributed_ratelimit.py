@@ -486,3 +486,26 @@ async def test_four_server_processes_admit_the_limit_in_total(
     assert statuses.count(200) == 100
     assert statuses.count(429) == 500
     assert len(served_by) >= 2  # admissions came from several processes
+
+
+async def test_limits_redis_storage_shortfall_a_burst_fails_at_once(redis_url: str) -> None:
+    """Why seawall's pool blocks: redis-py's default async pool raises "Too many
+    connections" as soon as a burst exceeds it, and each such request failed open."""
+    from limits.errors import StorageError
+
+    storage = LimitsRedisStorage(
+        "async+" + redis_url,
+        implementation="redispy",
+        key_prefix=_name(),
+        max_connections=5,
+        wrap_exceptions=True,
+    )
+    strategy = MovingWindowRateLimiter(storage)
+    item = parse("1000/minute")
+    results = await asyncio.gather(
+        *(strategy.hit(item, "k") for _ in range(100)), return_exceptions=True
+    )
+    errors = [r for r in results if isinstance(r, StorageError)]
+    assert errors
+    assert "Too many connections" in str(errors[0].storage_error)
+    await storage.bridge.storage.aclose()  # type: ignore[attr-defined]

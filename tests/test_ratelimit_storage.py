@@ -373,3 +373,41 @@ def test_fast_path_decides_exactly_like_limits_own_moving_window(
     finally:
         limits_memory.time = original
     assert ours == theirs
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    limit=st.integers(1, 8),
+    window=st.sampled_from([1, 10, 60]),
+    steps=st.lists(
+        st.tuples(st.floats(min_value=0, max_value=20, allow_nan=False), st.integers(1, 3)),
+        min_size=1,
+        max_size=60,
+    ),
+)
+def test_token_bucket_never_exceeds_its_burst_plus_its_rate(
+    limit: int, window: int, steps: list[tuple[float, int]]
+) -> None:
+    """GCRA's promise, checked against every admitted history: within any span of d
+    seconds at most limit + d * limit / window tokens are spent; and a full bucket admits a
+    burst of limit."""
+    clock = ManualClock()
+    storage = BoundedMemoryStorage(clock=clock)
+    spent: list[tuple[float, int]] = []
+    for advance, cost in steps:
+        clock.advance(advance)
+        if cost > limit:
+            continue
+        ok, _, _ = storage.decide("token-bucket", ["k"], [limit], [float(window)], cost)
+        if ok:
+            spent.append((clock.now(), cost))
+    for i, (start, _) in enumerate(spent):
+        total = 0
+        for at, cost in spent[i:]:
+            total += cost
+            assert total <= limit + (at - start) * limit / window + 1e-6
+    clock.advance(window)
+    fresh = [
+        storage.decide("token-bucket", ["k"], [limit], [float(window)])[0] for _ in range(limit + 1)
+    ]
+    assert fresh == [True] * limit + [False]

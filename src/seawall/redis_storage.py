@@ -191,8 +191,8 @@ for i = 1, n do
   local tat = tonumber(redis.call('GET', KEYS[i])) or now
   if tat < now then tat = now end
   local new_tat = tat + cost * interval
-  if new_tat - now > window + 1e-6 then
-    local left = math.max(0, math.floor((window - (tat - now)) / interval + 1e-9))
+  if new_tat - now > window + 1e-3 then  -- a microsecond of slack for rounding
+    local left = math.max(0, math.floor((window - (tat - now)) / interval + 1e-6))
     return {0, i, left, ms(new_tat - window - now)}
   end
   tats[i] = new_tat
@@ -203,7 +203,7 @@ for i = 1, n do
   local interval = window / limit
   local new_tat = tats[i]
   redis.call('SET', KEYS[i], stamp(new_tat), 'PX', math.max(1, ms(new_tat - now)))
-  out[#out + 1] = math.max(0, math.floor((window - (new_tat - now)) / interval + 1e-9))
+  out[#out + 1] = math.max(0, math.floor((window - (new_tat - now)) / interval + 1e-6))
   out[#out + 1] = ms(new_tat - now)
 end
 return out

@@ -465,7 +465,7 @@ class BoundedMemoryStorage(Storage, MovingWindowSupport, SlidingWindowCounterSup
         rec.expires = new_tat
         used = (new_tat - now) * limit / expiry
         self._retier(key, rec, used, limit)
-        return max(0, floor(limit - used + 1e-9)), new_tat - now
+        return max(0, floor(limit - used + 1e-6)), new_tat - now
 
 
 def gcra(tat: float, now: float, limit: int, expiry: float, cost: int) -> tuple[bool, int, float]:
@@ -475,12 +475,13 @@ def gcra(tat: float, now: float, limit: int, expiry: float, cost: int) -> tuple[
     ``tat == now`` and holds ``(expiry - (tat - now)) * limit / expiry`` tokens otherwise.
     Refused: the wait is until ``cost`` tokens are back. Admitted: until it is full again.
     """
+    # Epoch seconds near 1.7e9 carry ~2e-7 s of rounding: compare with a microsecond slack.
     interval = expiry / limit
     new_tat = tat + cost * interval
-    if new_tat - now > expiry + 1e-9:
-        left = max(0, floor((expiry - (tat - now)) / interval + 1e-9))
+    if new_tat - now > expiry + 1e-6:
+        left = max(0, floor((expiry - (tat - now)) / interval + 1e-6))
         return False, left, new_tat - expiry - now
-    return True, max(0, floor((expiry - (new_tat - now)) / interval + 1e-9)), new_tat - now
+    return True, max(0, floor((expiry - (new_tat - now)) / interval + 1e-6)), new_tat - now
 
 
 _Test = Callable[[BoundedMemoryStorage, str, int, float, int, float], tuple[bool, RateState]]
