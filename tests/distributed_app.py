@@ -28,6 +28,7 @@ policy = RateLimitPolicy(
     strategy=os.environ.get("SEAWALL_TEST_STRATEGY", "moving-window"),  # type: ignore[arg-type]
     key="global",
     on_storage_error="closed",  # a storage error shows as 503 instead of hiding as a 200
+    storage_timeout=2.0,  # four servers and their client on a shared 2-core machine
 )
 app = Starlette(routes=[Route("/", home), Route("/healthz", home)])
 app.add_middleware(RateLimitMiddleware, policy=policy)

@@ -52,6 +52,9 @@ log = logging.getLogger("seawall.ratelimit")
 
 NAMESPACE = "seawall"
 
+QUEUE_TIMEOUT_FACTOR = 4
+"""A burst waits at most this many storage timeouts for a free Redis connection."""
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RateLimitAdmitted(Event):
@@ -235,6 +238,7 @@ class RateLimiter:
         self._single = entries[0] if len(entries) == 1 else None
         self._fail_open = policy.on_storage_error == "open"
         self._timeout = policy.storage_timeout
+        self._queue_timeout = QUEUE_TIMEOUT_FACTOR * policy.storage_timeout
         self._last_log = -float("inf")
         self._suppressed = 0
         self.storage_failures = 0
@@ -262,6 +266,24 @@ class RateLimiter:
         """Count one request of ``cost`` against every rate; never raises on storage errors."""
         if self._fast:
             return self.hit_now(keys, cost)
+        redis = self._redis
+        if redis is None:
+            return await self._guarded(keys, cost)
+        # A burst queues for one of the store's connections, for a bounded time. The wait
+        # says nothing about Redis (this process may be busy), so it is no breaker outcome;
+        # the breaker is asked after it, so a queue that waited out an outage fails fast.
+        try:
+            async with asyncio.timeout(self._queue_timeout):
+                await redis.slots.acquire()
+        except TimeoutError as exc:
+            return self._degraded(keys, cost, exc)
+        try:
+            return await self._guarded(keys, cost)
+        finally:
+            redis.slots.release()
+
+    async def _guarded(self, keys: Sequence[str], cost: int) -> Decision:
+        """One decision on the shared store, behind its breaker, within ``storage_timeout``."""
         breaker = self.storage_breaker
         assert breaker is not None
         try:

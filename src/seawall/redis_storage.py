@@ -18,7 +18,8 @@ test in ``tests/test_distributed_ratelimit.py``):
 strategies' semantics, the in-memory twin) and decides on Redis with one ``EVALSHA`` per
 request: the script tests every rate and hits them all only when all admit, atomically,
 and answers the state the ``RateLimit`` headers need. A burst *waits* for one of a bounded
-set of connections (a blocking pool, at most ``timeout`` seconds) instead of failing.
+set of connections (``slots``; :class:`~seawall.ratelimit.RateLimiter` bounds the wait)
+instead of failing.
 Time is Redis's own clock (``TIME`` in the script), the one clock every worker shares;
 a test may inject a driven clock instead.
 
@@ -31,6 +32,7 @@ window (twice for the sliding window counter): an idle client leaves nothing beh
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -269,6 +271,10 @@ class RedisLimitStorage:
         self.clock = clock
         self._scripts = {name: self.client.register_script(src) for name, src in SCRIPTS.items()}
         self.round_trips = 0
+        # One slot per pooled connection: callers queue here (with their own deadline and a
+        # look at the breaker afterwards) instead of inside redis-py's pool.
+        pool_size = getattr(self.client.connection_pool, "max_connections", max_connections)
+        self.slots = asyncio.Semaphore(pool_size)
 
     @staticmethod
     def key(strategy: str, rule: str, amount: int, window: int, client_key: str) -> str:
