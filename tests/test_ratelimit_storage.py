@@ -276,7 +276,9 @@ async def test_redis_down_follows_the_policy(
         assert down[0].headers["content-type"] == "application/problem+json"
 
 
-@pytest.mark.parametrize("strategy", ["fixed-window", "moving-window", "sliding-window-counter"])
+@pytest.mark.parametrize(
+    "strategy", ["fixed-window", "moving-window", "sliding-window-counter", "token-bucket"]
+)
 async def test_every_strategy_gives_a_driven_retry_after(clock: ManualClock, strategy: str) -> None:
     """Retry-After stays within the window under an injected clock, whatever the strategy
     (limits' sliding-window stats add time.time(); seawall reads the relative TTLs)."""

@@ -275,8 +275,9 @@ class RateLimiter:
         try:
             async with asyncio.timeout(self._queue_timeout):
                 await redis.slots.acquire()
-        except TimeoutError as exc:
-            return self._degraded(keys, cost, exc)
+        except TimeoutError:
+            busy = TimeoutError(f"no free Redis connection within {self._queue_timeout:g} s")
+            return self._degraded(keys, cost, busy)
         try:
             return await self._guarded(keys, cost)
         finally:
@@ -302,6 +303,10 @@ class RateLimiter:
         except asyncio.CancelledError:
             breaker.record(permit, Outcome.NEUTRAL, clock.now() - started)
             raise
+        except TimeoutError:
+            breaker.record(permit, Outcome.FAILURE, clock.now() - started)
+            late = TimeoutError(f"no answer within storage_timeout ({self._timeout:g} s)")
+            return self._degraded(keys, cost, late)
         except Exception as exc:
             breaker.record(permit, Outcome.FAILURE, clock.now() - started)
             return self._degraded(keys, cost, exc)
