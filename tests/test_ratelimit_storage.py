@@ -124,7 +124,25 @@ def test_a_table_full_of_limited_clients_makes_newcomers_share_one_counter(
     assert storage.acquire_moving("late", 1, 60)[0]
     assert storage.moving_window("late", 60)[1] == 1
     storage.sweep()
-    assert storage._overflow == {}
+    assert len(storage._records) == len(storage) == 1  # the overflow counter expired too
+
+
+@pytest.mark.parametrize(
+    "strategy", ["fixed-window", "moving-window", "sliding-window-counter", "token-bucket"]
+)
+def test_newcomers_in_a_full_table_share_the_overflow_counter_in_every_strategy(
+    clock: ManualClock, strategy: str
+) -> None:
+    policy = RateLimitPolicy(limit="2/minute", strategy=strategy, max_tracked_keys=5)  # type: ignore[arg-type]
+    limiter = RateLimiter(policy, clock=clock, events=EventBus())
+    for i in range(5):
+        assert limiter.hit_now((f"ip:10.0.0.{i}",)).admitted  # half of 2: protected
+    newcomers = [limiter.hit_now((f"ip:10.1.0.{i}",)).admitted for i in range(4)]
+    assert newcomers == [True, True, False, False]
+    storage = limiter.storage
+    assert isinstance(storage, BoundedMemoryStorage)
+    assert len(storage) == 5
+    assert limiter.hit_now(("ip:10.0.0.1",)).admitted  # its own second request
 
 
 def test_a_million_distinct_keys_stay_bounded_and_are_reclaimed() -> None:

@@ -54,7 +54,8 @@ STRATEGY_NAMES: tuple[str, ...] = (
 # Eviction tiers by how much of its limit a key has used: forgetting a key hands its
 # client back what it used, so the lightest are forgotten first and the heaviest never
 # before their window ends.
-LIGHT, MIDDLE, PROTECTED = 0, 1, 2
+LIGHT, MIDDLE, PROTECTED, OVERFLOW = 0, 1, 2, 3
+_OVERFLOW_PREFIX = "\x00overflow/"  # no client key starts with a NUL byte
 
 
 def _tier(used: float, limit: int) -> int:
@@ -118,13 +119,14 @@ class BoundedMemoryStorage(Storage, MovingWindowSupport, SlidingWindowCounterSup
         self._time = clock.wall
         self.max_keys = max_keys
         self._records: dict[str, _Record] = {}
-        # One LRU order per eviction tier (keys only; the records live in _records).
+        # One LRU order per eviction tier (keys only; the records live in _records), and
+        # the overflow counters (one per rate), which are neither counted nor evicted.
         self._tiers: tuple[OrderedDict[str, None], ...] = (
             OrderedDict(),
             OrderedDict(),
             OrderedDict(),
+            OrderedDict(),
         )
-        self._overflow: dict[tuple[int, float], _Record] = {}
         self.evicted = 0
         self.reclaimed = 0
         self.overflowed = 0
@@ -136,21 +138,43 @@ class BoundedMemoryStorage(Storage, MovingWindowSupport, SlidingWindowCounterSup
         return ValueError
 
     def __len__(self) -> int:
-        return len(self._records)
+        return len(self._records) - len(self._tiers[OVERFLOW])
 
     @property
     def tracked_keys(self) -> int:
-        """Keys currently held (expired ones included until reclaimed)."""
-        return len(self._records)
+        """Keys currently held (expired ones included until reclaimed; overflow not counted)."""
+        return len(self)
 
     def _drop(self, key: str) -> None:
         rec = self._records.pop(key)
         del self._tiers[rec.tier][key]
 
-    def _new(self, key: str, now: float, limit: int = 0, expiry: float = 0.0) -> _Record:
-        """A record for a new key; when the table is full of protected keys, the overflow."""
+    def _full(self, now: float) -> bool:
+        """True when a new key cannot be tracked: the table holds only protected live keys."""
+        if len(self) < self.max_keys:
+            return False
+        light, middle, protected, _ = self._tiers
+        if light or middle or not protected:
+            return False
+        return self._records[next(iter(protected))].expires > now
+
+    def _resolve(self, key: str, limit: int, expiry: float, now: float) -> str:
+        """``key``, or when it is new and the table is full, its rate's overflow key."""
+        if key in self._records or not self._full(now):
+            return key
+        self.overflowed += 1
+        return f"{_OVERFLOW_PREFIX}{limit}/{expiry:g}"
+
+    def _new(self, key: str, now: float) -> _Record:
+        """A record for a new key: reclaim expired keys, evict the cheapest if full."""
         records = self._records
-        for tier in self._tiers:  # amortized reclaim from each tier's least recently used end
+        tiers = self._tiers
+        if key.startswith(_OVERFLOW_PREFIX):
+            rec = records[key] = _Record()
+            rec.tier = OVERFLOW
+            tiers[OVERFLOW][key] = None
+            return rec
+        for tier in tiers:  # amortized reclaim from each tier's least recently used end
             for _ in range(RECLAIM_PER_INSERT):
                 if not tier:
                     break
@@ -160,43 +184,37 @@ class BoundedMemoryStorage(Storage, MovingWindowSupport, SlidingWindowCounterSup
                     self.reclaimed += 1
                 else:
                     break
-        if len(records) >= self.max_keys:
-            light, middle, protected = self._tiers
-            while len(records) >= self.max_keys and (light or middle):
-                self._drop(next(iter(light or middle)))
-                self.evicted += 1
-            if len(records) >= self.max_keys:
-                oldest = next(iter(protected))
-                if records[oldest].expires <= now:
-                    self._drop(oldest)
-                    self.reclaimed += 1
-                else:
-                    self.overflowed += 1
-                    over = self._overflow.get((limit, expiry))
-                    if over is None:
-                        over = self._overflow[(limit, expiry)] = _Record()
-                    return over
+        light, middle, protected, _ = tiers
+        while len(self) >= self.max_keys and (light or middle):
+            self._drop(next(iter(light or middle)))
+            self.evicted += 1
+        if len(self) >= self.max_keys and protected:
+            # Only when a caller did not _resolve() first (limits' own storage interface).
+            self._drop(next(iter(protected)))
+            self.evicted += 1
         rec = _Record()
         records[key] = rec
-        self._tiers[LIGHT][key] = None
+        tiers[LIGHT][key] = None
         return rec
 
-    def _get_record(self, key: str, now: float, limit: int, expiry: float) -> _Record:
+    def _get_record(self, key: str, now: float) -> _Record:
         rec = self._records.get(key)
         if rec is None:
-            return self._new(key, now, limit, expiry)
+            return self._new(key, now)
         self._tiers[rec.tier].move_to_end(key)
         return rec
 
     def _retier(self, key: str, rec: _Record, used: float, limit: int) -> None:
+        if rec.tier == OVERFLOW:
+            return
         tier = _tier(used, limit) if limit else (PROTECTED if used > 1 else LIGHT)
-        if tier != rec.tier and self._records.get(key) is rec:
+        if tier != rec.tier:
             del self._tiers[rec.tier][key]
             self._tiers[tier][key] = None
             rec.tier = tier
 
     def _touch(self, key: str, now: float) -> _Record:
-        return self._get_record(key, now, 0, 0.0)
+        return self._get_record(self._resolve(key, 0, 0.0, now), now)
 
     def sweep(self) -> int:
         """Drop every expired key now (O(keys)); returns how many. Optional: inserts reclaim too."""
@@ -205,9 +223,6 @@ class BoundedMemoryStorage(Storage, MovingWindowSupport, SlidingWindowCounterSup
         for k in dead:
             self._drop(k)
         self.reclaimed += len(dead)
-        for rate, over in list(self._overflow.items()):
-            if over.expires <= now:
-                del self._overflow[rate]
         return len(dead)
 
     # -- counters (fixed window) ---------------------------------------------------------
@@ -245,11 +260,10 @@ class BoundedMemoryStorage(Storage, MovingWindowSupport, SlidingWindowCounterSup
         return True
 
     async def reset(self) -> int | None:
-        n = len(self._records)
+        n = len(self)
         self._records.clear()
         for tier in self._tiers:
             tier.clear()
-        self._overflow.clear()
         return n
 
     async def clear(self, key: str) -> None:
@@ -272,7 +286,8 @@ class BoundedMemoryStorage(Storage, MovingWindowSupport, SlidingWindowCounterSup
         if rec is None:
             if amount > limit:
                 return False, now, 0, now
-            rec = self._new(key, now, limit, expiry)
+            key = self._resolve(key, limit, expiry, now)
+            rec = self._get_record(key, now)
             if rec.events is None:
                 rec.events = []
             events = rec.events
@@ -373,6 +388,8 @@ class BoundedMemoryStorage(Storage, MovingWindowSupport, SlidingWindowCounterSup
         ``index`` is -1 and ``states`` holds every rate's (remaining, reset after).
         """
         now = self._time()
+        resolve = self._resolve_sliding if strategy == "sliding-window-counter" else self._resolve
+        keys = [resolve(key, limits[i], expiries[i], now) for i, key in enumerate(keys)]
         test = _TESTS[strategy]
         for i, key in enumerate(keys):
             ok, state = test(self, key, limits[i], expiries[i], cost, now)
@@ -384,6 +401,14 @@ class BoundedMemoryStorage(Storage, MovingWindowSupport, SlidingWindowCounterSup
             -1,
             [hit(self, key, limits[i], expiries[i], cost, now) for i, key in enumerate(keys)],
         )
+
+    def _resolve_sliding(self, key: str, limit: int, expiry: float, now: float) -> str:
+        previous_key, current_key = self._window_keys(key, expiry, now)
+        records = self._records
+        if previous_key in records or current_key in records or not self._full(now):
+            return key
+        self.overflowed += 1
+        return f"{_OVERFLOW_PREFIX}{limit}/{expiry:g}"
 
     # fixed window: a counter that starts with the first hit and lasts ``expiry``
     def _fixed_test(
@@ -397,7 +422,7 @@ class BoundedMemoryStorage(Storage, MovingWindowSupport, SlidingWindowCounterSup
         return True, (limit - rec.count, rec.expires - now)
 
     def _fixed_hit(self, key: str, limit: int, expiry: float, cost: int, now: float) -> RateState:
-        rec = self._get_record(key, now, limit, expiry)
+        rec = self._get_record(key, now)
         if rec.expires <= now:
             rec.count = 0
             rec.start = now
@@ -441,7 +466,7 @@ class BoundedMemoryStorage(Storage, MovingWindowSupport, SlidingWindowCounterSup
 
     def _sliding_hit(self, key: str, limit: int, expiry: float, cost: int, now: float) -> RateState:
         _, current_key = self._window_keys(key, expiry, now)
-        rec = self._get_record(current_key, now, limit, 2 * expiry)
+        rec = self._get_record(current_key, now)
         if rec.expires <= now:
             rec.count = 0
             rec.expires = now + 2 * expiry
@@ -459,7 +484,7 @@ class BoundedMemoryStorage(Storage, MovingWindowSupport, SlidingWindowCounterSup
         return ok, (remaining, wait)
 
     def _bucket_hit(self, key: str, limit: int, expiry: float, cost: int, now: float) -> RateState:
-        rec = self._get_record(key, now, limit, expiry)
+        rec = self._get_record(key, now)
         tat = rec.expires if rec.expires > now else now
         new_tat = tat + cost * expiry / limit
         rec.expires = new_tat
