@@ -155,3 +155,25 @@ def test_four_processes_share_one_breaker(redis_url: str, tmp_path: Path) -> Non
         f"\ntrip -> open elsewhere (ms): {[round(d * 1000, 1) for d in delays]}; "
         f"probes across 4 processes: {len(probes)}"
     )
+
+
+async def test_sharing_resumes_after_redis_restarts(redis_process: Callable[..., Any]) -> None:
+    """Redis killed: each process goes on alone. Restarted on its port: the subscriptions
+    come back by themselves (back-off of at most 5 s) and a trip is shared again."""
+    server = redis_process()
+    a, b = BreakerRegistry(POLICY), BreakerRegistry(POLICY)
+    async with (
+        SharedBreakerState(a, server.url, namespace="r", timeout=0.2),
+        SharedBreakerState(b, server.url, namespace="r", timeout=0.2) as share_b,
+    ):
+        server.stop()
+        _trip(a)  # not shared: Redis is gone
+        await asyncio.sleep(0.3)
+        assert b.get(HOST).state is BreakerState.CLOSED
+        server = redis_process(port=server.port)
+        await _wait_for(lambda: share_b.subscriptions >= 2, 8.0)  # resubscribed by itself
+        other = "mirror.example:443"
+        breaker = a.get(other)
+        for _ in range(5):
+            breaker.record(breaker.admit(), Outcome.FAILURE, 0.01)
+        await _wait_for(lambda: b.get(other).state is BreakerState.OPEN, 8.0)

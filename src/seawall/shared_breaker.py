@@ -138,8 +138,9 @@ class SharedBreakerState:
         self._epochs: dict[str, int] = {}  # host -> last epoch applied or written
         self._claimed: dict[str, int] = {}  # host -> epoch whose probes this process holds
         self._listening = asyncio.Event()
-        self.published = 0
-        self.applied = 0
+        self.published = 0  # trips and closes this process wrote
+        self.applied = 0  # remote states applied to local breakers
+        self.subscriptions = 0  # successful (re)subscriptions
 
     def key(self, host: str) -> str:
         return f"seawall:{SCHEMA}:breaker:{self.namespace}:{{{host}}}"
@@ -327,6 +328,7 @@ class SharedBreakerState:
             try:
                 await pubsub.subscribe(self.channel)
                 await self._resync()
+                self.subscriptions += 1
                 self._listening.set()
                 backoff = 0.1
                 while True:
