@@ -38,7 +38,6 @@ __all__ = [
     "Waiter",
 ]
 
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RequestShed(Event):
     """A request was refused: ``queue_full``, ``expired`` (waited too long) or ``displaced``."""

@@ -72,7 +72,9 @@ class FallbackCacheMiddleware:
         status = int(message["status"])
         if status in self.cache.policy.fallback_statuses:
             return True
-        return status == 503 and any((k.lower(), v) == _SHED for k, v in message.get("headers", ()))
+        return status == 503 and any(
+            (k.lower(), v) == _SHED for k, v in message.get("headers", ())
+        )
 
     async def _serve(self, send: Send, hit: Hit, head: bool, reason: str) -> None:
         headers = self.cache.served(hit, reason=reason)
