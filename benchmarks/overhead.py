@@ -11,6 +11,13 @@ timestamps than a real key under that limit would.
 
 Goals (issue 3): seawall's added cost <= 1/10 of SlowAPIMiddleware's, <= 1/3 of
 SlowAPIASGIMiddleware's, and <= 2x the cost of the ``limits`` calls it makes.
+
+Redis rows (issue 14, ``redis_rows``; ``--redis-only`` runs just them): seawall's middleware
+on Redis, with its default strategy, against the same ``limits`` strategy on limits' own
+async Redis storage called directly (hit + window stats, what a middleware needs), as a
+ratio in one run (goal <= 1.2x), and Redis round trips per request (goal 1), counted where
+redis-py writes a command to its socket. A private ``redis-server`` on a free port is used
+when one is on PATH (no other client shares it), else ``REDIS_URL``.
 """
 
 from __future__ import annotations
@@ -179,10 +186,110 @@ async def measure(
     return median, added
 
 
+class _RoundTrips:
+    """Counts commands redis-py writes to a socket (a pipeline or a script call is one)."""
+
+    count = 0
+
+    @classmethod
+    def install(cls) -> None:
+        from redis.asyncio.connection import AbstractConnection
+
+        original = AbstractConnection.send_packed_command
+
+        async def counting(self: Any, command: Any, check_health: bool = True) -> None:
+            cls.count += 1
+            await original(self, command, check_health)
+
+        AbstractConnection.send_packed_command = counting  # type: ignore[method-assign]
+
+
+def _private_redis() -> tuple[str, Any]:
+    """A private redis-server on a free port (stopped by its pid), else REDIS_URL."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        return os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"), None
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    import redis
+
+    for _ in range(200):
+        try:
+            redis.Redis.from_url(url).ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    return url, proc
+
+
+def redis_rows(quick: bool) -> None:
+    """seawall on Redis vs the same limits strategy on Redis called directly (issue 14)."""
+    from limits.aio.storage import RedisStorage as LimitsRedisStorage
+
+    n, repeats = (500, 5) if quick else (3_000, 9)
+    url, proc = _private_redis()
+    _RoundTrips.install()
+    try:
+        policy = RateLimitPolicy(limit=LIMIT, storage=url)  # defaults otherwise: moving window
+        limits_storage = LimitsRedisStorage("async+" + url, implementation="redispy")
+        runners: dict[str, Runner] = {
+            "bare starlette": app_runner(starlette_app()),
+            "seawall RateLimitMiddleware (redis)": app_runner(
+                starlette_app([Middleware(RateLimitMiddleware, policy=policy)])
+            ),
+            "limits hit+stats (limits async RedisStorage)": limits_runner(limits_storage),
+        }
+
+        async def run_all() -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+            us, added = await measure(runners, n, repeats)
+            trips: dict[str, float] = {}
+            for name, run in runners.items():  # one loop: redis-py connections are per loop
+                _RoundTrips.count = 0
+                await run(10_000_000, 200)
+                trips[name] = _RoundTrips.count / 200
+            return us, added, trips
+
+        us, added, trips = asyncio.run(run_all())
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=10)
+    where = "private redis-server" if proc is not None else url
+    print(f"\nRedis ({where}): {n} requests x {repeats} rounds, median µs/request\n")
+    print(f"{'variant':<50} {'µs/req':>8} {'added':>8} {'trips/req':>10}")
+    for name, value in us.items():
+        extra = value if name.startswith("limits") else added[name]
+        print(f"{name:<50} {value:8.2f} {extra:8.2f} {trips[name]:10.2f}")
+    ours = added["seawall RateLimitMiddleware (redis)"]
+    theirs = us["limits hit+stats (limits async RedisStorage)"]
+    label = "seawall added on Redis / limits hit+stats on Redis"
+    print(f"\n{label:<55} {ours / theirs:6.3f}   goal <= 1.200")
+    print(
+        f"{'seawall Redis round trips per request':<55} "
+        f"{trips['seawall RateLimitMiddleware (redis)']:6.2f}   goal 1"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests and repeats")
+    parser.add_argument("--redis-only", action="store_true", help="only the Redis rows")
     args = parser.parse_args()
+    if args.redis_only:
+        redis_rows(args.quick)
+        return
     n, repeats = (2_000, 5) if args.quick else (10_000, 15)
 
     seawall_policy = RateLimitPolicy(limit=LIMIT)
@@ -225,6 +332,7 @@ def main() -> None:
     ]
     for label, ratio, goal in rows:
         print(f"{label:<55} {ratio:6.3f}   goal {goal}")
+    redis_rows(args.quick)
 
 
 if __name__ == "__main__":

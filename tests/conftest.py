@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -61,8 +62,16 @@ class RedisProcess:
     def stop(self) -> None:
         """Stop this server by its own process id (never by name)."""
         if self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)  # a paused server cannot handle SIGTERM
             self.process.terminate()
             self.process.wait(timeout=10)
+
+    def pause(self) -> None:
+        """SIGSTOP: the server keeps its socket (connections are accepted) but never answers."""
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.process.send_signal(signal.SIGCONT)
 
 
 def _free_port() -> int:
@@ -72,17 +81,18 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def redis_process() -> Iterator[Callable[[], RedisProcess]]:
+def redis_process() -> Iterator[Callable[..., RedisProcess]]:
     """Start private redis-server processes on free ports; they are stopped afterwards."""
     binary = shutil.which("redis-server")
     started: list[RedisProcess] = []
 
-    def start() -> RedisProcess:
+    def start(port: int | None = None) -> RedisProcess:
+        """A new server; pass the port of a stopped one to restart it there."""
         if binary is None:
             if REQUIRE_REDIS:
                 pytest.fail("SEAWALL_REQUIRE_REDIS=1 but redis-server is not on PATH")
             pytest.skip("redis-server is not on PATH")
-        port = _free_port()
+        port = port if port is not None else _free_port()
         proc = subprocess.Popen(
             [
                 binary,

@@ -7,9 +7,25 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from seawall.keys import bounded, client_address, make_key_func
+from seawall.ratelimit_keys import bounded
+from seawall.ratelimit_keys import client_address as _client_address
+from seawall.ratelimit_keys import make_key_func as _make_key_func
 
 PEER = ("192.0.2.10", 5555)
+ANY = ("*",)  # every peer is a trusted proxy: most tests here are about parsing the header
+
+
+def client_address(scope: dict[str, Any], **options: Any) -> str:
+    """With hops, trust any peer (the proxy-address checks have tests of their own)."""
+    if options.get("trusted_proxy_hops"):
+        options.setdefault("trusted_proxies", ANY)
+    return _client_address(scope, **options)
+
+
+def make_key_func(source: Any, **options: Any) -> Any:
+    if options.get("trusted_proxy_hops"):
+        options.setdefault("trusted_proxies", ANY)
+    return _make_key_func(source, **options)
 
 
 def scope(headers: list[tuple[bytes, bytes]] | None = None, client: Any = PEER) -> dict[str, Any]:
@@ -172,3 +188,40 @@ def test_same_trusted_input_same_key_whatever_the_client_prepends(
     honest = client_address(xff(real.encode()), trusted_proxy_hops=1)
     spoofed = client_address(xff(b",".join([*junk, real.encode()])), trusted_proxy_hops=1)
     assert honest == spoofed == f"ip:{real}"
+
+
+# --- issue 13: forwarding headers count only from configured proxy addresses ------------
+
+
+def test_hop_count_alone_no_longer_lets_a_direct_client_pick_its_key() -> None:
+    """Issue 13: with trusted_proxy_hops=1 and the app reachable directly, a client picked
+    any key, a victim's address included. Now the peer must be a configured proxy."""
+    direct = xff(b"203.0.113.99", client=("198.51.100.23", 1))  # not via our proxy
+    via_proxy = xff(b"203.0.113.99", client=("10.0.0.5", 1))
+    trust = {"trusted_proxies": ("10.0.0.0/8",), "trusted_proxy_hops": 1}
+    assert _client_address(direct, **trust) == "ip:198.51.100.23"
+    assert _client_address(via_proxy, **trust) == "ip:203.0.113.99"
+
+
+def test_recursive_walk_skips_our_own_proxies_like_nginx_real_ip_recursive() -> None:
+    proxies = ("10.0.0.0/8", "2001:db8:ffff::/48")
+    chain = xff(b"6.6.6.6, 203.0.113.7, 10.1.2.3, 10.0.0.9", client=("10.0.0.1", 1))
+    assert _client_address(chain, trusted_proxies=proxies) == "ip:203.0.113.7"
+    spoofed_inner = xff(b"10.9.9.9", client=("10.0.0.1", 1))  # every entry is ours
+    assert _client_address(spoofed_inner, trusted_proxies=proxies) == "ip:10.9.9.9"
+    v6_proxy = scope([(b"x-forwarded-for", b"203.0.113.8")], client=("2001:db8:ffff::2", 1))
+    assert _client_address(v6_proxy, trusted_proxies=proxies) == "ip:203.0.113.8"
+    mapped = scope([(b"x-forwarded-for", b"203.0.113.8")], client=("::ffff:10.0.0.1", 1))
+    assert _client_address(mapped, trusted_proxies=proxies) == "ip:203.0.113.8"
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    peer=st.ip_addresses(v=4).map(str),
+    header=st.binary(max_size=120),
+)
+def test_an_untrusted_peer_is_its_own_key_whatever_it_writes(peer: str, header: bytes) -> None:
+    func = _make_key_func("client", trusted_proxies=("10.0.0.0/8",))
+    key = func(scope([(b"x-forwarded-for", header), (b"forwarded", header)], (peer, 1)))
+    if not peer.startswith("10."):
+        assert key == f"ip:{peer}"

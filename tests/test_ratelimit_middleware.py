@@ -124,6 +124,7 @@ async def test_per_tenant_isolation_and_a_global_cap() -> None:
     policy = RateLimitPolicy(
         limit="3/minute",
         key="header:x-tenant",
+        header_keys_verified=True,  # both tenants come through one peer
         rules=(LimitRule("5/minute", key="global", name="global"),),
     )
     app = make_app(policy, events=EventBus())
@@ -136,7 +137,8 @@ async def test_per_tenant_isolation_and_a_global_cap() -> None:
 
 
 async def test_tenant_exhaustion_does_not_touch_other_tenants() -> None:
-    app = make_app(RateLimitPolicy(limit="2/minute", key="header:x-tenant"), events=EventBus())
+    policy = RateLimitPolicy(limit="2/minute", key="header:x-tenant", header_keys_verified=True)
+    app = make_app(policy, events=EventBus())
     async with client(app) as c:
         for _ in range(5):
             await c.get("/", headers={"x-tenant": "noisy"})
@@ -158,7 +160,8 @@ async def test_spoofed_forwarded_for_changes_nothing_by_default() -> None:
 
 
 async def test_trusted_hop_keys_by_forwarded_address() -> None:
-    app = make_app(RateLimitPolicy(limit="1/minute", trusted_proxy_hops=1), events=EventBus())
+    policy = RateLimitPolicy(limit="1/minute", trusted_proxies={"10.9.9.9"}, trusted_proxy_hops=1)
+    app = make_app(policy, events=EventBus())
     async with client(app, peer="10.9.9.9") as c:  # the proxy
         one = await c.get("/", headers={"x-forwarded-for": "6.6.6.6, 203.0.113.1"})
         two = await c.get("/", headers={"x-forwarded-for": "7.7.7.7, 203.0.113.2"})
@@ -370,6 +373,7 @@ def test_hostile_requests_never_raise_or_5xx(
     policy = RateLimitPolicy(
         limit="1/minute",
         key="header:x-tenant",
+        trusted_proxies={"*"} if hops else frozenset(),
         trusted_proxy_hops=hops,
         rules=(LimitRule("2/minute", key="client", name="ip"),),
     )
@@ -391,3 +395,28 @@ def test_hostile_requests_never_raise_or_5xx(
     assert all(s in (200, 429) for s in statuses)
     if path not in policy.exempt_paths:
         assert statuses[1] == 429  # the same input got the same key: its one request is used
+
+
+async def test_random_header_values_no_longer_buy_fresh_quotas() -> None:
+    """Issue 13: key="header:x-api-key" with a random value per request admitted 50 of 50
+    at 5/minute. An unverified header key now also applies per client address."""
+    app = make_app(RateLimitPolicy(limit="5/minute", key="header:x-api-key"), events=EventBus())
+    async with client(app) as c:
+        codes = [
+            (await c.get("/", headers={"x-api-key": f"k{i}"})).status_code for i in range(50)
+        ]
+        other = await c.get("/", headers={"x-api-key": "k0"})  # another client, same key
+    assert codes.count(200) == 5
+    assert other.status_code == 429  # "k0" has 1 of 5 left, but this address none
+
+
+async def test_verified_header_keys_stand_alone() -> None:
+    """Behind a gateway that authenticates the header, tenants behind one address do not
+    share a quota."""
+    policy = RateLimitPolicy(limit="2/minute", key="header:x-tenant", header_keys_verified=True)
+    app = make_app(policy, events=EventBus())
+    async with client(app) as c:
+        codes = [
+            (await c.get("/", headers={"x-tenant": t})).status_code for t in "aabbcc"
+        ]
+    assert codes == [200] * 6

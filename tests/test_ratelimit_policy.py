@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import tomllib
+import uuid
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from seawall.errors import PolicyError
+from seawall.events import EventBus
 from seawall.policy.ratelimit import DEFAULT_EXEMPT_PATHS, LimitRule, RateLimitPolicy
 
 
@@ -39,7 +45,10 @@ def test_several_rates_and_rules() -> None:
         costs={"/v2/*/blobs/*": 5},
     )
     assert [i.amount for i in policy.items] == [10, 500]
-    assert [r.name for r in policy.all_rules()] == ["default", "global"]
+    # An unverified header key also applies per client address (its "-client" twin).
+    assert [r.name for r in policy.all_rules()] == ["default", "global", "default-client"]
+    assert policy.all_rules()[2].key == "client"
+    assert policy.replace(header_keys_verified=True).all_rules()[-1].name == "global"
     cost = policy.cost_of()
     assert cost("/v2/library/alpine/blobs/sha256:abc") == 5
     assert cost("/v2/library/alpine/manifests/latest") == 1
@@ -63,7 +72,7 @@ BAD: list[tuple[dict[str, Any], str, str]] = [
     ({"costs": {"blobs": 2}}, "costs", "starting with '/'"),
     ({"costs": {"/blobs": 0}}, "costs['/blobs']", "at least 1"),
     ({"limit": "3/second", "costs": {"/blobs": 4}}, "costs['/blobs']", "never pass"),
-    ({"strategy": "token-bucket"}, "strategy", "is not one of"),
+    ({"strategy": "leaky-bucket"}, "strategy", "is not one of"),
     ({"storage": "localhost:6379"}, "storage", "storage URI"),
     ({"storage": "memcached://x:1"}, "storage", "unknown scheme"),
     ({"storage_timeout": 0}, "storage_timeout", "greater than 0"),
@@ -119,6 +128,7 @@ def test_from_toml_builds_the_same_policy() -> None:
     text = """
     limit = "20/second;600/minute"
     key = "header:x-tenant"
+    trusted_proxies = ["10.0.0.0/8"]
     trusted_proxy_hops = 1
     exempt_paths = ["/healthz"]
     [costs]
@@ -147,3 +157,159 @@ def test_callable_key_and_replace_validate() -> None:
     assert callable(policy.key)
     with pytest.raises(PolicyError):
         policy.replace(limit="nope")
+
+
+CRASHED_LATER: list[tuple[dict[str, Any], str, str]] = [
+    # Issue 13: accepted, then every request failed (or the middleware did not build).
+    ({"storage": "redis://localhost:notaport"}, "storage", "port"),
+    ({"storage": "redis://localhost:99999"}, "storage", "port"),
+    ({"storage": "redis://:6379/0"}, "storage", "names no host"),
+    ({"storage": "redis://localhost:6379/zero"}, "storage", "database"),
+    ({"storage": "redis://localhost:6379/0?max_connections=lots"}, "storage", "whole number"),
+    ({"storage": "redis://localhost:6379/0?socket_timeout=0"}, "storage", "seconds"),
+    ({"storage": "redis://localhost:6379/0?pool=big"}, "storage", "unknown option"),
+    ({"storage": "memory://somewhere"}, "storage", "nothing after"),
+    ({"limit": "1 per 100000000000000000000 second"}, "limit", "ten years"),
+    ({"limit": "10000000000/second"}, "limit", "more than"),
+    ({"storage_timeout": 600}, "storage_timeout", "at most 60"),
+    ({"trusted_proxy_hops": 1}, "trusted_proxy_hops", "needs trusted_proxies"),
+    ({"trusted_proxies": ["10.0.0.0/33"]}, "trusted_proxies", "CIDR"),
+    ({"trusted_proxies": "10.0.0.0/8"}, "trusted_proxies", "is not a list"),
+    ({"header_keys_verified": "yes"}, "header_keys_verified", "true or false"),
+    ({"storage_breaker": {"open_duration": 0}}, "storage_breaker.open_duration", "greater"),
+    (
+        {"key": "header:x-t", "rules": [{"limit": "1/second", "name": "default-client"}]},
+        "name",
+        "twin",
+    ),
+]
+
+
+@pytest.mark.parametrize(("data", "field", "fragment"), CRASHED_LATER)
+def test_values_that_used_to_crash_later_are_refused_at_load(
+    data: dict[str, Any], field: str, fragment: str
+) -> None:
+    with pytest.raises(PolicyError) as info:
+        RateLimitPolicy.from_dict(data)
+    assert info.value.field == field
+    assert fragment in str(info.value)
+
+
+def test_good_storage_uris_and_proxies_load() -> None:
+    for uri in (
+        "redis://localhost:6379/0",
+        "rediss://user:secret@cache.internal:6380/2?socket_timeout=0.5&max_connections=64",
+        "async+redis://127.0.0.1",
+        "memory://",
+    ):
+        assert RateLimitPolicy(storage=uri).storage == uri
+    policy = RateLimitPolicy.from_dict(
+        {"trusted_proxies": ["10.0.0.0/8", "::1", "*"], "storage_breaker": {"open_duration": 2}}
+    )
+    assert policy.trusted_proxies == frozenset({"10.0.0.0/8", "::1", "*"})
+    assert policy.storage_breaker.open_duration == 2
+    assert RateLimitPolicy.from_dict(policy.to_dict()) == policy
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value) if value == value and abs(value) != float("inf") else "nan"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+STRATEGIES_FOR_TEST = ["fixed-window", "moving-window", "sliding-window-counter", "token-bucket"]
+_FIELD_VALUES: dict[str, Any] = {
+    "limit": st.sampled_from(
+        [
+            "5/minute",
+            "0/second",
+            "1 per 100000000000000000000 second",
+            "10/second;100/minute",
+            "9999999999/hour",
+            "3/7 seconds",
+            "1/year",
+            "lots",
+        ]
+    ),
+    "strategy": st.sampled_from([*STRATEGIES_FOR_TEST, "leaky"]),
+    "storage": st.sampled_from(
+        [
+            "memory://",
+            "REDIS",  # the live test server
+            "REDIS?max_connections=4",
+            "redis://localhost:notaport",
+            "redis://localhost:6379/x",
+            "redis://localhost:6379/0?pool=1",
+            "memcached://localhost:11211",
+        ]
+    ),
+    "storage_timeout": st.one_of(st.floats(allow_nan=True), st.integers(-1, 100)),
+    "key": st.sampled_from(["client", "global", "header:x-api-key", "header:X", "ip"]),
+    "trusted_proxies": st.lists(
+        st.sampled_from(["10.0.0.0/8", "::1", "*", "300.1.1.1", "10.0.0.0/33"]), max_size=2
+    ),
+    "trusted_proxy_hops": st.integers(-1, 3),
+    "header_keys_verified": st.sampled_from([True, False, "yes"]),
+    "costs": st.sampled_from([{}, {"/v2/*": 2}, {"/v2/*": 0}, {"/v2/*": 10**6}]),
+    "max_tracked_keys": st.integers(-1, 5),
+}
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(table=st.fixed_dictionaries({}, optional=_FIELD_VALUES))
+def test_generated_policy_files_load_and_work_or_name_the_field(
+    tmp_path_factory: pytest.TempPathFactory, table: dict[str, Any]
+) -> None:
+    """Issue 13: every policy value either loads and works, or is refused at load time
+    with a PolicyError naming the field. Each generated [ratelimit] table is written as a
+    seawall.toml; when it loads, a real request is decided without a storage error."""
+    from seawall.policy.file import load_policies
+    from seawall.ratelimit import RateLimiter
+
+    redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    uses_redis = str(table.get("storage", "")).startswith("REDIS")
+    if uses_redis:
+        table["storage"] = table["storage"].replace("REDIS", redis_url)
+        table["name"] = f"fuzz{uuid.uuid4().hex[:10]}"
+    lines = ["[ratelimit]"]
+    nested = {k: v for k, v in table.items() if isinstance(v, dict)}
+    lines += [f"{k} = {_toml_value(v)}" for k, v in table.items() if k not in nested]
+    for name, sub in nested.items():
+        lines.append(f"[ratelimit.{name}]")
+        lines += [f'"{k}" = {_toml_value(v)}' for k, v in sub.items()]
+    path = tmp_path_factory.mktemp("fuzz") / "seawall.toml"
+    path.write_text("\n".join(lines) + "\n")
+    try:
+        policy = load_policies(path).ratelimit
+    except PolicyError as exc:
+        assert exc.field.startswith(f"{path}: ratelimit.")
+        assert exc.field.split("ratelimit.", 1)[1].split("[")[0].split(".")[0] in table
+        return
+    assert policy is not None
+    if uses_redis and _redis_down(redis_url):
+        return
+    cost = policy.cost_of()("/v2/x")
+
+    async def decide() -> None:
+        limiter = RateLimiter(policy, events=EventBus())
+        keys = tuple("ip:192.0.2.1" if r.key == "client" else "*" for r in limiter.rules)
+        decision = await limiter.hit(keys, cost)
+        await limiter.aclose()
+        assert not decision.storage_failed, limiter.storage_failures
+        assert decision.admitted
+
+    asyncio.run(decide())
+
+
+def _redis_down(url: str) -> bool:
+    import redis
+
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=1).ping()
+    except Exception:
+        if os.environ.get("SEAWALL_REQUIRE_REDIS") == "1":
+            raise
+        return True
+    return False

@@ -70,16 +70,79 @@ async def test_fixed_and_sliding_window_strategies_run_on_it(clock: ManualClock)
     assert len(storage) == 0
 
 
-async def test_lru_eviction_holds_the_cap(clock: ManualClock) -> None:
+async def test_eviction_forgets_the_cheapest_keys_first(clock: ManualClock) -> None:
     storage = BoundedMemoryStorage(clock=clock, max_keys=3)
-    for key in "abc":
-        assert storage.acquire_moving(key, 1, 60)[0]
-    storage.acquire_moving("a", 1, 60)  # refused, but touches "a": "b" is now the oldest
-    assert storage.acquire_moving("d", 1, 60)[0]
+    assert storage.acquire_moving("heavy", 4, 60)[0]
+    assert storage.acquire_moving("heavy", 4, 60)[0]  # half its limit: protected
+    for key in "ab":
+        assert storage.acquire_moving(key, 4, 60)[0]  # a quarter: light
+    storage.acquire_moving("a", 4, 60)  # "a" is now at half its limit too
+    assert storage.acquire_moving("d", 4, 60)[0]
     assert len(storage) == 3
     assert storage.evicted == 1
-    assert storage.moving_window("b", 60)[1] == 0  # forgotten: a fresh window
-    assert storage.moving_window("a", 60)[1] == 1
+    assert storage.moving_window("b", 60)[1] == 0  # the only light key was forgotten
+    assert storage.moving_window("heavy", 60)[1] == 2  # older, but heavier: kept
+    assert storage.moving_window("a", 60)[1] == 2
+
+
+def test_eviction_never_resets_a_limited_client_within_its_window() -> None:
+    """Issue 13: 100,000 distinct /64s evicted a limited client's counter, which then got 5
+    more 200s in the same minute at 5/minute. Now the flood shares the table's light end
+    and the victim keeps its count until its window ends; memory stays bounded."""
+    clock = ManualClock()
+    policy = RateLimitPolicy(limit="5/minute", max_tracked_keys=1000)
+    limiter = RateLimiter(policy, clock=clock, events=EventBus())
+    victim = ("ip:192.0.2.7",)
+    assert all(limiter.hit_now(victim).admitted for _ in range(5))
+    for i in range(100_000):
+        limiter.hit_now((f"ip:2001:db8:{i >> 16:x}:{i & 0xFFFF:x}::~64",))
+        if i % 10_000 == 0:
+            clock.advance(0.1)
+    storage = limiter.storage
+    assert isinstance(storage, BoundedMemoryStorage)
+    assert len(storage) <= 1000
+    assert storage.evicted >= 99_000
+    assert sum(limiter.hit_now(victim).admitted for _ in range(5)) == 0
+    clock.advance(60)  # the window ended: now it may go
+    assert limiter.hit_now(victim).admitted
+
+
+def test_a_table_full_of_limited_clients_makes_newcomers_share_one_counter(
+    clock: ManualClock,
+) -> None:
+    """When every tracked key is at its limit, new keys share an overflow counter per
+    rate: bounded memory, nobody's counter reset, and the error is towards limiting."""
+    storage = BoundedMemoryStorage(clock=clock, max_keys=10)
+    for i in range(10):
+        assert storage.acquire_moving(f"k{i}", 1, 60)[0]  # each at its limit
+    admitted = [storage.acquire_moving(f"new{i}", 1, 60)[0] for i in range(5)]
+    assert admitted == [True, False, False, False, False]
+    assert storage.overflowed == 5
+    assert len(storage) == 10
+    assert not storage.acquire_moving("k3", 1, 60)[0]  # still limited
+    clock.advance(61)  # windows over: expired keys make room again
+    assert storage.acquire_moving("late", 1, 60)[0]
+    assert storage.moving_window("late", 60)[1] == 1
+    storage.sweep()
+    assert len(storage._records) == len(storage) == 1  # the overflow counter expired too
+
+
+@pytest.mark.parametrize(
+    "strategy", ["fixed-window", "moving-window", "sliding-window-counter", "token-bucket"]
+)
+def test_newcomers_in_a_full_table_share_the_overflow_counter_in_every_strategy(
+    clock: ManualClock, strategy: str
+) -> None:
+    policy = RateLimitPolicy(limit="2/minute", strategy=strategy, max_tracked_keys=5)  # type: ignore[arg-type]
+    limiter = RateLimiter(policy, clock=clock, events=EventBus())
+    for i in range(5):
+        assert limiter.hit_now((f"ip:10.0.0.{i}",)).admitted  # half of 2: protected
+    newcomers = [limiter.hit_now((f"ip:10.1.0.{i}",)).admitted for i in range(4)]
+    assert newcomers == [True, True, False, False]
+    storage = limiter.storage
+    assert isinstance(storage, BoundedMemoryStorage)
+    assert len(storage) == 5
+    assert limiter.hit_now(("ip:10.0.0.1",)).admitted  # its own second request
 
 
 def test_a_million_distinct_keys_stay_bounded_and_are_reclaimed() -> None:
@@ -172,6 +235,7 @@ async def test_redis_several_rules_test_then_hit(redis_url: str) -> None:
     policy = RateLimitPolicy(
         limit="3/minute",
         key="header:x-tenant",
+        header_keys_verified=True,
         storage=redis_url,
         name=_name(),
         rules=(LimitRule("4/minute", key="global", name=_name()),),
@@ -181,6 +245,7 @@ async def test_redis_several_rules_test_then_hit(redis_url: str) -> None:
     b = [(await limiter.hit(("h:b", "*"))).admitted for _ in range(2)]
     assert a == [True, True, True, False]
     assert b == [True, False]  # the global cap (4) is full after a:3 + b:1
+    await limiter.aclose()
 
 
 def _app(policy: RateLimitPolicy, bus: EventBus) -> Starlette:
@@ -213,20 +278,25 @@ async def test_redis_down_follows_the_policy(
         down = [await client.get("/") for _ in range(5)]
     statuses = {r.status_code for r in down}
     failures = [e for e in seen if isinstance(e, RateLimitStorageFailed)]
+    # With the success before, 2 failures of 3 calls open the store's breaker: 3 not asked.
     assert len(failures) == 5
+    assert sum(e.error.startswith("not asked") for e in failures) == 3
     assert all(e.fail_open is (mode == "open") for e in failures)
     warnings = [r for r in caplog.records if "rate-limit storage" in r.getMessage()]
     assert len(warnings) == 1  # logged once per interval, not once per request
     if mode == "open":
         assert statuses == {200}
-        assert "ratelimit" not in down[0].headers  # nothing known about the window
+        # Decided by the in-process limits, whose window started with the outage.
+        assert down[0].headers["ratelimit"].endswith("r=99;t=60")
     else:
         assert statuses == {503}
         assert int(down[0].headers["retry-after"]) >= 1
         assert down[0].headers["content-type"] == "application/problem+json"
 
 
-@pytest.mark.parametrize("strategy", ["fixed-window", "moving-window", "sliding-window-counter"])
+@pytest.mark.parametrize(
+    "strategy", ["fixed-window", "moving-window", "sliding-window-counter", "token-bucket"]
+)
 async def test_every_strategy_gives_a_driven_retry_after(clock: ManualClock, strategy: str) -> None:
     """Retry-After stays within the window under an injected clock, whatever the strategy
     (limits' sliding-window stats add time.time(); seawall reads the relative TTLs)."""
@@ -265,14 +335,22 @@ async def test_a_hung_store_is_a_failure_not_a_hang(mode: str) -> None:
     assert limiter.storage_failures == 1
 
 
-def test_only_memory_moving_window_decides_without_io(clock: ManualClock) -> None:
-    fast = RateLimiter(RateLimitPolicy(), clock=clock, events=EventBus())
-    assert fast.decides_without_io
-    assert fast.hit_now(("ip:1",)).admitted
-    slow = RateLimiter(RateLimitPolicy(strategy="fixed-window"), clock=clock, events=EventBus())
-    assert not slow.decides_without_io
-    with pytest.raises(RuntimeError, match="moving window"):
-        slow.hit_now(("ip:1",))
+def test_memory_decides_every_strategy_without_io(clock: ManualClock) -> None:
+    for strategy in ("fixed-window", "moving-window", "sliding-window-counter", "token-bucket"):
+        fast = RateLimiter(
+            RateLimitPolicy(strategy=strategy, limit="2/minute"), clock=clock, events=EventBus()
+        )
+        assert fast.decides_without_io
+        assert [fast.hit_now(("ip:1",)).admitted for _ in range(3)] == [True, True, False]
+
+
+def test_only_seawall_storages_know_the_token_bucket() -> None:
+    with pytest.raises(ValueError, match="token-bucket"):
+        RateLimiter(RateLimitPolicy(strategy="token-bucket"), storage=LimitsAsyncMemory())
+    other = RateLimiter(RateLimitPolicy(), storage=LimitsAsyncMemory(), events=EventBus())
+    assert not other.decides_without_io
+    with pytest.raises(RuntimeError, match="memory"):
+        other.hit_now(("ip:1",))
 
 
 @settings(max_examples=50, deadline=None)
@@ -315,3 +393,41 @@ def test_fast_path_decides_exactly_like_limits_own_moving_window(
     finally:
         limits_memory.time = original
     assert ours == theirs
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    limit=st.integers(1, 8),
+    window=st.sampled_from([1, 10, 60]),
+    steps=st.lists(
+        st.tuples(st.floats(min_value=0, max_value=20, allow_nan=False), st.integers(1, 3)),
+        min_size=1,
+        max_size=60,
+    ),
+)
+def test_token_bucket_never_exceeds_its_burst_plus_its_rate(
+    limit: int, window: int, steps: list[tuple[float, int]]
+) -> None:
+    """GCRA's promise, checked against every admitted history: within any span of d
+    seconds at most limit + d * limit / window tokens are spent; and a full bucket admits a
+    burst of limit."""
+    clock = ManualClock()
+    storage = BoundedMemoryStorage(clock=clock)
+    spent: list[tuple[float, int]] = []
+    for advance, cost in steps:
+        clock.advance(advance)
+        if cost > limit:
+            continue
+        ok, _, _ = storage.decide("token-bucket", ["k"], [limit], [float(window)], cost)
+        if ok:
+            spent.append((clock.now(), cost))
+    for i, (start, _) in enumerate(spent):
+        total = 0
+        for at, cost in spent[i:]:
+            total += cost
+            assert total <= limit + (at - start) * limit / window + 1e-6
+    clock.advance(window)
+    fresh = [
+        storage.decide("token-bucket", ["k"], [limit], [float(window)])[0] for _ in range(limit + 1)
+    ]
+    assert fresh == [True] * limit + [False]

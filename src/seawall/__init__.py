@@ -58,6 +58,7 @@ from seawall.policy import (
     load_policies,
 )
 from seawall.ratelimit import RateLimitAdmitted, RateLimited, RateLimiter, RateLimitStorageFailed
+from seawall.redis_storage import RedisLimitStorage
 from seawall.retry import (
     RetriesExhausted,
     RetryAfterHonoured,
@@ -66,6 +67,7 @@ from seawall.retry import (
     RetryScheduled,
     parse_retry_after,
 )
+from seawall.shared_breaker import SharedBreakerState
 from seawall.shed import ConcurrencyLimitChanged, ConcurrencyLimiter, RequestShed
 
 __version__ = "0.1.0"
@@ -115,6 +117,7 @@ __all__ = [
     "RateLimitWaitTooLong",
     "RateLimited",
     "RateLimiter",
+    "RedisLimitStorage",
     "RequestClass",
     "RequestCoalesced",
     "RequestShed",
@@ -128,6 +131,7 @@ __all__ = [
     "RetryPolicy",
     "RetryScheduled",
     "SeawallError",
+    "SharedBreakerState",
     "ShedPolicy",
     "Store",
     "SyncResilient",

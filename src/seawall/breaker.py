@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import math
 import random
 import threading
@@ -55,6 +56,8 @@ __all__ = [
     "classify_exception",
     "classify_status",
 ]
+
+_log = logging.getLogger("seawall.breaker")
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -274,6 +277,10 @@ class CircuitBreaker:
         self._probe_successes = 0
         self._in_flight = 0
         self._next_id = 0
+        # Hooks for state shared across processes (seawall.shared_breaker); unused alone.
+        self._listeners: tuple[Callable[[CircuitBreaker, BreakerStateChanged], None], ...] = ()
+        self._probes_gated = False
+        self._probe_quota = self._policy.half_open_probes
 
     # -- read-only views ------------------------------------------------------------
 
@@ -346,10 +353,7 @@ class CircuitBreaker:
                 self._next_id += 1
                 self._in_flight += 1
                 permit = Permit(self, self._generation, self._next_id, False, now)
-            elif (
-                state is BreakerState.HALF_OPEN
-                and self._probe_slots < self._policy.half_open_probes
-            ):
+            elif state is BreakerState.HALF_OPEN and self._probe_slots < self._probe_quota:
                 permit = self._new_permit(True, now)
                 self._probe_slots += 1
                 self._probes[permit._id] = now
@@ -495,7 +499,8 @@ class CircuitBreaker:
             self._trips = 0
         if new is not BreakerState.HALF_OPEN:
             self._window.clear()  # a new CLOSED period starts from a clean slate
-        if self._bus.active:
+        self._probe_quota = 0 if self._probes_gated else self._policy.half_open_probes
+        if self._bus.active or self._listeners:
             events.append(
                 BreakerStateChanged(
                     at=now,
@@ -511,8 +516,76 @@ class CircuitBreaker:
             )
 
     def _emit(self, events: list[Event]) -> None:
+        bus_active = self._bus.active
         for event in events:
-            self._bus.emit(event)
+            if bus_active:
+                self._bus.emit(event)
+            if self._listeners and isinstance(event, BreakerStateChanged):
+                for listener in self._listeners:
+                    try:
+                        listener(self, event)
+                    except Exception:
+                        _log.exception("breaker listener %r failed", listener)
+
+    # -- hooks for shared state (seawall.shared_breaker) --------------------------------
+
+    def add_listener(self, listener: Callable[[CircuitBreaker, BreakerStateChanged], None]) -> None:
+        """Call ``listener(breaker, event)`` on every state change, after the lock is released.
+
+        It runs on the thread that caused the change: it must only hand the event on.
+        """
+        self._listeners = (*self._listeners, listener)
+
+    def gate_probes(self, gated: bool = True) -> None:
+        """Gated: a HALF_OPEN breaker admits no probe until :meth:`grant_probes` (the
+        probes are shared with other processes, and another one may be probing)."""
+        with self._lock:
+            self._probes_gated = gated
+            if not gated:
+                self._probe_quota = self._policy.half_open_probes
+
+    def grant_probes(self, generation: int, probes: int) -> bool:
+        """Let this HALF_OPEN period (``generation``) admit up to ``probes`` probes."""
+        with self._lock:
+            if generation != self._generation or self._state is not BreakerState.HALF_OPEN:
+                return False
+            self._probe_quota = max(0, min(probes, self._policy.half_open_probes))
+            return True
+
+    def apply_remote(self, state: BreakerState, open_for: float = 0.0) -> bool:
+        """Take a state another process decided: OPEN for ``open_for`` s, or CLOSED.
+
+        Emits ``BreakerStateChanged`` with reason ``remote_open`` / ``remote_close`` (a
+        listener that shares state must not share these back). Returns False when it
+        changed nothing (already there, or an OPEN that ends later than asked).
+        """
+        events: list[Event] = []
+        with self._lock:
+            now = self._clock.now()
+            self._refresh(now, events)
+            if state is BreakerState.OPEN:
+                until = now + open_for
+                if self._state is BreakerState.OPEN and self._open_until >= until - 0.05:
+                    changed = False
+                else:
+                    self._trips = max(self._trips, 1)
+                    self._opened_at = now
+                    self._open_until = until
+                    if self._state is BreakerState.OPEN:
+                        changed = False  # same state, later end: no event
+                    else:
+                        self._change(
+                            BreakerState.OPEN, now, events, "remote_open", open_for=open_for
+                        )
+                        changed = True
+            elif state is BreakerState.CLOSED and self._state is not BreakerState.CLOSED:
+                self._change(BreakerState.CLOSED, now, events, "remote_close")
+                changed = True
+            else:
+                changed = False
+        if events:
+            self._emit(events)
+        return changed
 
     def _evictable(self) -> int:
         """0: closed and idle; 1: idle; 2: calls in flight (for the registry's LRU)."""
@@ -589,6 +662,8 @@ class BreakerRegistry:
         self._max = max_breakers
         self._lock = threading.Lock()
         self._breakers: OrderedDict[str, CircuitBreaker] = OrderedDict()
+        self._listeners: tuple[Callable[[CircuitBreaker, BreakerStateChanged], None], ...] = ()
+        self._probes_gated = False
 
     @property
     def policy(self) -> BreakerPolicy:
@@ -606,8 +681,33 @@ class BreakerRegistry:
             breaker = CircuitBreaker(
                 name, self._policy, clock=self._clock, events=self._events, rng=self._rng
             )
+            for listener in self._listeners:
+                breaker.add_listener(listener)
+            if self._probes_gated:
+                breaker.gate_probes(True)
             self._breakers[name] = breaker
             return breaker
+
+    def peek(self, name: str) -> CircuitBreaker | None:
+        """The breaker for ``name`` if there is one (creates nothing, keeps the LRU order)."""
+        with self._lock:
+            return self._breakers.get(name)
+
+    def add_listener(self, listener: Callable[[CircuitBreaker, BreakerStateChanged], None]) -> None:
+        """:meth:`CircuitBreaker.add_listener` on every breaker, now and later."""
+        with self._lock:
+            self._listeners = (*self._listeners, listener)
+            breakers = list(self._breakers.values())
+        for breaker in breakers:
+            breaker.add_listener(listener)
+
+    def gate_probes(self, gated: bool = True) -> None:
+        """:meth:`CircuitBreaker.gate_probes` on every breaker, now and later."""
+        with self._lock:
+            self._probes_gated = gated
+            breakers = list(self._breakers.values())
+        for breaker in breakers:
+            breaker.gate_probes(gated)
 
     def _evict_one(self) -> None:
         best: str | None = None

@@ -1,21 +1,22 @@
 """The rate-limiting mechanism, without HTTP: keys and a cost in, a decision out.
 
 :class:`RateLimiter` applies every rule of a :class:`~seawall.policy.ratelimit.RateLimitPolicy`
-(each rule may hold several rates) through a ``limits`` strategy and storage, and turns
-the outcome into a :class:`Decision` plus typed events.
+(each rule may hold several rates) and turns the outcome into a :class:`Decision` plus
+typed events.
 
-Several limits at once: *test, then hit*. When a request is subject to more than one
-rate, every rate is first tested; only when all would admit are they hit. A request
-rejected by the second rate therefore does not consume the first one. With the bounded
-memory storage and the moving window (the default) the test and the hits run without an
-``await`` in between, so the whole decision is atomic on the event loop. With other
-storages (Redis) another request can slip in between test and hit; then a hit may still
-be refused after earlier hits of the same request were consumed. That errs towards
-limiting, never towards admitting more than a limit.
+Several limits at once are decided *atomically*: every rate is tested, and all are hit
+only when all admit, so a request refused by one rate consumes none of the others. With
+``memory://`` the decision runs without an ``await`` (atomic on the event loop, every
+strategy); with Redis it is one Lua script, one round trip
+(:class:`~seawall.redis_storage.RedisLimitStorage`). A ``limits`` storage injected by the
+caller goes through the ``limits`` strategies (test, then hit; not atomic across rates,
+erring towards limiting).
 
-Storage failures never escape: the policy decides between *fail open* (admit, emit
-:class:`RateLimitStorageFailed`, log at most once per ``log_interval``) and *fail closed*
-(refuse with ``storage_failed=True``; the middleware answers 503).
+Storage failures never escape. A breaker guards the shared store: after repeated failures
+or timeouts it stops asking for a while (``policy.storage_breaker``) and every request is
+decided at once by the policy: *fail open* decides with in-process limits (the same rates,
+counted per process), *fail closed* refuses with ``storage_failed=True`` (the middleware
+answers 503 + Retry-After). A single probe finds out when the store is back.
 """
 
 from __future__ import annotations
@@ -32,10 +33,12 @@ from limits.aio.storage import SlidingWindowCounterSupport, Storage
 from limits.aio.strategies import STRATEGIES
 from limits.aio.strategies import RateLimiter as LimitsRateLimiter
 
+from seawall.breaker import CircuitBreaker, CircuitOpenError, Outcome
 from seawall.clock import SYSTEM_CLOCK, Clock
 from seawall.events import DEFAULT_BUS, Event, EventBus
 from seawall.policy.ratelimit import LimitRule, RateLimitPolicy
-from seawall.storage import BoundedMemoryStorage, storage_from_uri
+from seawall.redis_storage import RedisLimitStorage
+from seawall.storage import BoundedMemoryStorage, RateState, storage_from_uri
 
 __all__ = [
     "Decision",
@@ -48,6 +51,9 @@ __all__ = [
 log = logging.getLogger("seawall.ratelimit")
 
 NAMESPACE = "seawall"
+
+QUEUE_TIMEOUT_FACTOR = 4
+"""A burst waits at most this many storage timeouts for a free Redis connection."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -106,27 +112,44 @@ class Decision(NamedTuple):
 class _Entry:
     """One rate of one rule, with precomputed storage-key parts and header label."""
 
-    __slots__ = ("amount", "expiry", "index", "item", "label", "prefix", "rule_name", "suffix")
+    __slots__ = (
+        "amount",
+        "expiry",
+        "index",
+        "item",
+        "label",
+        "prefix",
+        "redis_prefix",
+        "rule_name",
+        "suffix",
+    )
 
-    def __init__(self, index: int, label: str, rule_name: str, item: RateLimitItem) -> None:
+    def __init__(
+        self, index: int, label: str, rule_name: str, item: RateLimitItem, strategy: str
+    ) -> None:
         self.index = index  # which key (rule) it uses
         self.label = label
         self.rule_name = rule_name
         self.item = type(item)(item.amount, item.multiples, namespace=NAMESPACE)
         self.amount = int(item.amount)
         self.expiry = int(item.get_expiry())
-        # Same layout as RateLimitItem.key_for(rule_name, key), without its per-call work.
-        self.prefix = f"{NAMESPACE}/{rule_name}/"
+        # In memory: like RateLimitItem.key_for(rule_name, key), plus the strategy, whose
+        # data would not fit another strategy's; without key_for's per-call work.
+        self.prefix = f"{NAMESPACE}/{strategy}/{rule_name}/"
         self.suffix = f"/{item.amount}/{item.multiples}/{item.GRANULARITY.name}"
+        # On Redis: the client key is the hash tag (RedisLimitStorage.key).
+        self.redis_prefix = RedisLimitStorage.key(
+            strategy, rule_name, self.amount, self.expiry, ""
+        )[:-1]
 
 
-def _entries(rules: Sequence[LimitRule]) -> tuple[_Entry, ...]:
+def _entries(rules: Sequence[LimitRule], strategy: str) -> tuple[_Entry, ...]:
     out: list[_Entry] = []
     for index, rule in enumerate(rules):
         items = rule.items
         for item in items:
             label = rule.name if len(items) == 1 else f"{rule.name}-{item.get_expiry()}s"
-            out.append(_Entry(index, label, rule.name, item))
+            out.append(_Entry(index, label, rule.name, item, strategy))
     return tuple(out)
 
 
@@ -164,13 +187,19 @@ def _decide(entry: _Entry, ok: bool, start: float, count: int, now: float) -> De
 
 
 class RateLimiter:
-    """Apply a policy's rates to keys. One key per rule, in ``policy.all_rules()`` order."""
+    """Apply a policy's rates to keys. One key per rule, in ``policy.all_rules()`` order.
+
+    ``storage``: a :class:`~seawall.storage.BoundedMemoryStorage`, a
+    :class:`~seawall.redis_storage.RedisLimitStorage`, or any ``limits.aio`` storage; by
+    default built from ``policy.storage``. Call :meth:`aclose` (the middleware does it on
+    lifespan shutdown) to close the store's connections.
+    """
 
     def __init__(
         self,
         policy: RateLimitPolicy | None = None,
         *,
-        storage: Storage | None = None,
+        storage: Storage | RedisLimitStorage | None = None,
         clock: Clock = SYSTEM_CLOCK,
         events: EventBus | None = None,
     ) -> None:
@@ -185,43 +214,103 @@ class RateLimiter:
                 timeout=policy.storage_timeout,
             )
         self.storage = storage
-        self.strategy: LimitsRateLimiter = STRATEGIES[policy.strategy](storage)  # type: ignore[abstract]
+        self._strategy_name = strategy = policy.strategy
         self.rules = policy.all_rules()
-        self.entries = _entries(self.rules)
-        self._fast = (
-            isinstance(storage, BoundedMemoryStorage) and policy.strategy == "moving-window"
-        )
+        self.entries = entries = _entries(self.rules, strategy)
+        self._amounts = [e.amount for e in entries]
+        self._windows = [float(e.expiry) for e in entries]
+        self._memory = isinstance(storage, BoundedMemoryStorage)
+        self._redis = storage if isinstance(storage, RedisLimitStorage) else None
+        self.strategy: LimitsRateLimiter | None = None
+        if not isinstance(storage, BoundedMemoryStorage | RedisLimitStorage):
+            if strategy not in STRATEGIES:
+                raise ValueError(
+                    f"strategy {strategy!r} needs seawall's memory:// or redis:// storage, "
+                    f"not {type(storage).__name__}"
+                )
+            self.strategy = STRATEGIES[strategy](storage)  # type: ignore[abstract]
+        self._fast = self._memory
+        self._moving_fast = self._memory and strategy == "moving-window"
         self._acquire = (
             storage.acquire_moving if isinstance(storage, BoundedMemoryStorage) else _no_fast_path
         )
-        self._memory = isinstance(storage, BoundedMemoryStorage)
-        self._sliding = policy.strategy == "sliding-window-counter"
-        self._single = self.entries[0] if len(self.entries) == 1 else None
+        self._sliding = strategy == "sliding-window-counter"
+        self._single = entries[0] if len(entries) == 1 else None
         self._fail_open = policy.on_storage_error == "open"
-        self._timeout = policy.storage_timeout * 4
+        self._timeout = policy.storage_timeout
+        self._queue_timeout = QUEUE_TIMEOUT_FACTOR * policy.storage_timeout
         self._last_log = -float("inf")
         self._suppressed = 0
         self.storage_failures = 0
+        self.storage_skipped = 0
+        # The shared store's own breaker, and the in-process limits used while it is out.
+        self.storage_breaker: CircuitBreaker | None = None
+        self.local: BoundedMemoryStorage | None = None
+        if not self._memory:
+            self.storage_breaker = CircuitBreaker(
+                f"ratelimit-storage:{policy.name}",
+                policy.storage_breaker,
+                clock=clock,
+                events=self.events,
+            )
+            self.local = BoundedMemoryStorage(clock=clock, max_keys=policy.max_tracked_keys)
 
     # -- the decision --------------------------------------------------------------------
 
     @property
     def decides_without_io(self) -> bool:
-        """True when :meth:`hit_now` can decide (bounded memory storage, moving window)."""
+        """True when :meth:`hit_now` can decide (the bounded memory storage, any strategy)."""
         return self._fast
 
     async def hit(self, keys: Sequence[str], cost: int = 1) -> Decision:
         """Count one request of ``cost`` against every rate; never raises on storage errors."""
         if self._fast:
             return self.hit_now(keys, cost)
+        redis = self._redis
+        if redis is None:
+            return await self._guarded(keys, cost)
+        # A burst queues for one of the store's connections, for a bounded time. The wait
+        # says nothing about Redis (this process may be busy), so it is no breaker outcome;
+        # the breaker is asked after it, so a queue that waited out an outage fails fast.
         try:
-            if self._memory:
-                decision = await self._hit_strategy(keys, cost)
-            else:
-                async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout(self._queue_timeout):
+                await redis.slots.acquire()
+        except TimeoutError:
+            busy = TimeoutError(f"no free Redis connection within {self._queue_timeout:g} s")
+            return self._degraded(keys, cost, busy)
+        try:
+            return await self._guarded(keys, cost)
+        finally:
+            redis.slots.release()
+
+    async def _guarded(self, keys: Sequence[str], cost: int) -> Decision:
+        """One decision on the shared store, behind its breaker, within ``storage_timeout``."""
+        breaker = self.storage_breaker
+        assert breaker is not None
+        try:
+            permit = breaker.admit()
+        except CircuitOpenError:
+            self.storage_skipped += 1
+            return self._degraded(keys, cost, None)
+        clock = self.clock
+        started = clock.now()
+        try:
+            async with asyncio.timeout(self._timeout):
+                if self._redis is not None:
+                    decision = await self._hit_redis(self._redis, keys, cost)
+                else:
                     decision = await self._hit_strategy(keys, cost)
+        except asyncio.CancelledError:
+            breaker.record(permit, Outcome.NEUTRAL, clock.now() - started)
+            raise
+        except TimeoutError:
+            breaker.record(permit, Outcome.FAILURE, clock.now() - started)
+            late = TimeoutError(f"no answer within storage_timeout ({self._timeout:g} s)")
+            return self._degraded(keys, cost, late)
         except Exception as exc:
-            return self._failed(exc)
+            breaker.record(permit, Outcome.FAILURE, clock.now() - started)
+            return self._degraded(keys, cost, exc)
+        breaker.record(permit, Outcome.SUCCESS, clock.now() - started)
         bus = self.events
         if bus.active:
             self._emit(bus, decision, keys, cost)
@@ -230,10 +319,10 @@ class RateLimiter:
     def hit_now(self, keys: Sequence[str], cost: int = 1) -> Decision:
         """:meth:`hit` without an await, for :attr:`decides_without_io` limiters (hot path)."""
         if not self._fast:
-            raise RuntimeError("hit_now needs the bounded memory storage and the moving window")
+            raise RuntimeError("hit_now needs seawall's bounded memory storage (memory://)")
         try:
             single = self._single
-            if single is not None:  # one rate: one combined hit-and-read
+            if single is not None and self._moving_fast:  # one combined hit-and-read
                 ok, start, count, now = self._acquire(
                     single.prefix + keys[single.index] + single.suffix,
                     single.amount,
@@ -242,7 +331,9 @@ class RateLimiter:
                 )
                 decision = _decide(single, ok, start, count, now)
             else:
-                decision = self._hit_memory_many(keys, cost)
+                storage = self.storage
+                assert isinstance(storage, BoundedMemoryStorage)
+                decision = self._decide_in(storage, keys, cost)
         except Exception as exc:
             return self._failed(exc)
         bus = self.events
@@ -250,29 +341,51 @@ class RateLimiter:
             self._emit(bus, decision, keys, cost)
         return decision
 
-    def _hit_memory_many(self, keys: Sequence[str], cost: int) -> Decision:
-        """Several rates: test all, then hit all; nothing awaits in between (atomic)."""
-        storage = self.storage
-        assert isinstance(storage, BoundedMemoryStorage)
+    def _decide_in(
+        self, storage: BoundedMemoryStorage, keys: Sequence[str], cost: int, failed: bool = False
+    ) -> Decision:
+        """Every rate at once on an in-process storage (no await in between: atomic)."""
         entries = self.entries
         skeys = [e.prefix + keys[e.index] + e.suffix for e in entries]
-        for entry, key in zip(entries, skeys, strict=True):
-            start, count = storage.moving_window(key, entry.expiry)
-            if count + cost > entry.amount:
-                return _decide(entry, False, start, count, self.clock.wall())
-        best: Decision | None = None
-        for entry, key in zip(entries, skeys, strict=True):
-            ok, start, count, now = storage.acquire_moving(key, entry.amount, entry.expiry, cost)
-            decision = _decide(entry, ok, start, count, now)
-            if not ok:  # pragma: no cover - impossible without an await in between
-                return decision
-            if best is None or decision.remaining < best.remaining:
-                best = decision
-        assert best is not None
-        return best
+        ok, index, states = storage.decide(
+            self._strategy_name, skeys, self._amounts, self._windows, cost
+        )
+        return self._decision(ok, index, states, failed)
+
+    async def _hit_redis(
+        self, redis: RedisLimitStorage, keys: Sequence[str], cost: int
+    ) -> Decision:
+        """Every rate at once in one Lua script: one round trip, atomic on Redis."""
+        rkeys = [e.redis_prefix + keys[e.index] + "}" for e in self.entries]
+        ok, index, states = await redis.decide(
+            self._strategy_name, rkeys, self._amounts, self._windows, cost
+        )
+        return self._decision(ok, index, states)
+
+    def _decision(
+        self, ok: bool, index: int, states: list[RateState], failed: bool = False
+    ) -> Decision:
+        entries = self.entries
+        if not ok:
+            entry = entries[index]
+            remaining, wait = states[0]
+            return Decision(
+                False, entry.label, entry.amount, entry.expiry, remaining, wait, wait, True, failed
+            )
+        best = 0
+        for i in range(1, len(states)):
+            if states[i][0] < states[best][0]:
+                best = i
+        entry = entries[best]
+        remaining, reset_after = states[best]
+        return Decision(
+            True, entry.label, entry.amount, entry.expiry, remaining, reset_after, 0.0, True, failed
+        )
 
     async def _hit_strategy(self, keys: Sequence[str], cost: int) -> Decision:
+        """A ``limits`` storage supplied by the caller: test every rate, then hit every rate."""
         strategy = self.strategy
+        assert strategy is not None
         entries = self.entries
         ids = [(e.rule_name, keys[e.index]) for e in entries]
         if len(entries) > 1:
@@ -291,10 +404,12 @@ class RateLimiter:
         return best
 
     async def _stats(self, entry: _Entry, rule_name: str, key: str, ok: bool) -> Decision:
+        strategy = self.strategy
+        assert strategy is not None
         if self._sliding:
             reset_after, remaining = await self._sliding_stats(entry, rule_name, key)
         else:
-            stats = await self.strategy.get_window_stats(entry.item, rule_name, key)
+            stats = await strategy.get_window_stats(entry.item, rule_name, key)
             reset_after = max(0.0, float(stats.reset_time) - self.clock.wall())
             remaining = max(0, int(stats.remaining))
         return Decision(
@@ -329,6 +444,45 @@ class RateLimiter:
 
     # -- failures and events -------------------------------------------------------------
 
+    def _degraded(self, keys: Sequence[str], cost: int, exc: Exception | None) -> Decision:
+        """The shared store failed (``exc``) or its breaker is open (None): the policy decides.
+
+        Fail open: the same rates, counted in this process. Fail closed: refuse at once.
+        """
+        local = self.local
+        if exc is not None:
+            decision = self._failed(exc)
+        else:
+            decision = self._refused_closed()
+            bus = self.events
+            if bus.active:
+                breaker = self.storage_breaker
+                bus.emit(
+                    RateLimitStorageFailed(
+                        at=self.clock.now(),
+                        error=f"not asked: {breaker.name if breaker else 'storage'} is open",
+                        fail_open=self._fail_open,
+                    )
+                )
+        if not self._fail_open or local is None:
+            return decision
+        try:
+            decision = self._decide_in(local, keys, cost, failed=True)
+        except Exception:  # pragma: no cover - the in-process twin has no I/O to fail
+            log.exception("in-process rate-limit fallback failed")
+            return decision
+        bus = self.events
+        if bus.active:
+            self._emit(bus, decision, keys, cost)
+        return decision
+
+    def _refused_closed(self) -> Decision:
+        entry = self.entries[0]
+        wait = 0.0 if self._fail_open else self.policy.closed_retry_after
+        return Decision(
+            self._fail_open, entry.label, entry.amount, entry.expiry, 0, wait, wait, False, True
+        )
+
     def _failed(self, exc: Exception) -> Decision:
         self.storage_failures += 1
         now = self.clock.now()
@@ -339,7 +493,7 @@ class RateLimiter:
                 self.policy.storage,
                 type(exc).__name__,
                 exc,
-                "open (admitting)" if fail_open else "closed (refusing with 503)",
+                "open (in-process limits)" if fail_open else "closed (refusing with 503)",
                 f"; {self._suppressed} more failures since the last report"
                 if self._suppressed
                 else "",
@@ -355,11 +509,7 @@ class RateLimiter:
                     at=now, error=f"{type(exc).__name__}: {exc}", fail_open=fail_open
                 )
             )
-        entry = self.entries[0]
-        wait = 0.0 if fail_open else self.policy.closed_retry_after
-        return Decision(
-            fail_open, entry.label, entry.amount, entry.expiry, 0, wait, wait, False, True
-        )
+        return self._refused_closed()
 
     def _emit(self, bus: EventBus, d: Decision, keys: Sequence[str], cost: int) -> None:
         key = keys[0] if keys else ""
@@ -386,7 +536,22 @@ class RateLimiter:
                 )
             )
 
+    # -- housekeeping --------------------------------------------------------------------
+
     async def clear(self, keys: Sequence[str]) -> None:
         """Forget the counters of ``keys`` (one per rule): an operator's reset."""
-        for entry in self.entries:
-            await self.strategy.clear(entry.item, entry.rule_name, keys[entry.index])
+        entries = self.entries
+        if self._redis is not None:
+            await self._redis.clear([e.redis_prefix + keys[e.index] + "}" for e in entries])
+        elif self.strategy is not None:
+            for entry in entries:
+                await self.strategy.clear(entry.item, entry.rule_name, keys[entry.index])
+        for storage in (self.storage, self.local):
+            if isinstance(storage, BoundedMemoryStorage):
+                for entry in entries:
+                    await storage.clear(entry.prefix + keys[entry.index] + entry.suffix)
+
+    async def aclose(self) -> None:
+        """Close the shared store's connections (idempotent)."""
+        if self._redis is not None:
+            await self._redis.aclose()

@@ -1,8 +1,10 @@
 """Counter storage for rate limits, chosen by URI, with a bounded in-process default.
 
-``storage_from_uri`` returns a :mod:`limits.aio` storage, so any ``limits`` strategy runs on
-it and the Redis storages of ``limits`` work unchanged (the distributed mode of a later
-issue plugs in here).
+``storage_from_uri`` returns :class:`BoundedMemoryStorage` for ``memory://`` (a
+:mod:`limits.aio` storage, so any ``limits`` strategy runs on it too) and
+:class:`~seawall.redis_storage.RedisLimitStorage` for Redis. Both decide every rate of a
+request in one atomic step (``decide``), for every strategy including the token bucket
+(GCRA) that ``limits`` lacks.
 
 Why not ``limits.aio.storage.MemoryStorage`` for ``memory://``? Reading its source (limits
 5.8) shows three properties that do not fit a process facing a flood of distinct keys:
@@ -14,8 +16,9 @@ Why not ``limits.aio.storage.MemoryStorage`` for ``memory://``? Reading its sour
 * it reads ``time.time()`` directly, so tests cannot drive its windows.
 
 :class:`BoundedMemoryStorage` implements the same ``limits`` storage interfaces (counters,
-moving window, sliding window counter) with a hard cap on tracked keys, least-recently
-used eviction, amortized reclaim of expired keys on every new key (no background task),
+moving window, sliding window counter) with a hard cap on tracked keys, eviction of the
+cheapest key to forget (never a key at or near its limit before its window ends),
+amortized reclaim of expired keys on every new key (no background task),
 and time read from an injected :class:`~seawall.clock.Clock` (its ``wall()``, the same
 epoch time base that ``limits`` strategies and Redis use). Every operation runs without
 an ``await`` in between, so on one event loop it is atomic without locks.
@@ -26,18 +29,39 @@ from __future__ import annotations
 import itertools
 from bisect import bisect_left
 from collections import OrderedDict
-from math import floor
+from collections.abc import Callable, Sequence
+from math import floor, inf
 from typing import Any
 
 from limits.aio.storage import MovingWindowSupport, SlidingWindowCounterSupport, Storage
-from limits.storage import storage_from_string
 
 from seawall.clock import SYSTEM_CLOCK, Clock
+from seawall.redis_storage import RedisLimitStorage
 
-__all__ = ["BoundedMemoryStorage", "storage_from_uri"]
+__all__ = ["STRATEGY_NAMES", "BoundedMemoryStorage", "RateState", "storage_from_uri"]
 
 RECLAIM_PER_INSERT = 4
-"""Expired keys examined (oldest first) each time a new key arrives: amortized reclaim."""
+"""Expired keys examined (oldest first, per tier) each time a new key arrives: amortized reclaim."""
+
+STRATEGY_NAMES: tuple[str, ...] = (
+    "fixed-window",
+    "moving-window",
+    "sliding-window-counter",
+    "token-bucket",
+)
+"""Every strategy a seawall storage decides by itself (``decide``), token bucket included."""
+
+# Eviction tiers by how much of its limit a key has used: forgetting a key hands its
+# client back what it used, so the lightest are forgotten first and the heaviest never
+# before their window ends.
+LIGHT, MIDDLE, PROTECTED, OVERFLOW = 0, 1, 2, 3
+_OVERFLOW_PREFIX = "\x00overflow/"  # no client key starts with a NUL byte
+
+
+def _tier(used: float, limit: int) -> int:
+    if used * 2 >= limit:
+        return PROTECTED
+    return MIDDLE if used * 4 >= limit else LIGHT
 
 
 class _Record:
@@ -45,14 +69,23 @@ class _Record:
 
     The timestamps are a plain sorted list, not a deque: a deque allocates a 64-slot block
     (~600 bytes) even for one entry, and a flood of one-request clients is the common case.
+    ``expires`` is when the record holds nothing any more (for the token bucket it is the
+    theoretical arrival time itself); ``start`` is a fixed window's start; ``tier`` is the
+    eviction tier.
     """
 
-    __slots__ = ("count", "events", "expires")
+    __slots__ = ("count", "events", "expires", "start", "tier")
 
     def __init__(self) -> None:
         self.count = 0
         self.expires = 0.0
+        self.start = 0.0
         self.events: list[float] | None = None
+        self.tier = LIGHT
+
+
+RateState = tuple[int, float]
+"""(remaining, seconds until the rate frees capacity) of one rate after a decision."""
 
 
 class BoundedMemoryStorage(Storage, MovingWindowSupport, SlidingWindowCounterSupport):
@@ -60,9 +93,12 @@ class BoundedMemoryStorage(Storage, MovingWindowSupport, SlidingWindowCounterSup
 
     Memory bound: at most ``max_keys`` records; a record holds one counter, or, for the
     moving window, at most ``limit`` timestamps of its key. When the table is full the
-    least recently used key is forgotten (``evicted`` counts them): under a flood of
-    distinct keys the oldest clients get a fresh window, which errs towards admitting,
-    never towards unbounded growth.
+    cheapest key to forget goes first: expired keys, then the least recently used key that
+    used under a quarter of its limit, then under half. A key that used half its limit or
+    more is never forgotten before its window ends (forgetting it would hand its client a
+    fresh quota); when only such keys are left, a new key shares one *overflow* counter
+    per rate with every other newcomer (``overflowed`` counts them), which errs towards
+    limiting, never towards resetting a limited client or growing without bound.
     """
 
     STORAGE_SCHEME = None  # not registered in limits' global scheme table
@@ -82,9 +118,18 @@ class BoundedMemoryStorage(Storage, MovingWindowSupport, SlidingWindowCounterSup
         self.clock = clock
         self._time = clock.wall
         self.max_keys = max_keys
-        self._records: OrderedDict[str, _Record] = OrderedDict()
+        self._records: dict[str, _Record] = {}
+        # One LRU order per eviction tier (keys only; the records live in _records), and
+        # the overflow counters (one per rate), which are neither counted nor evicted.
+        self._tiers: tuple[OrderedDict[str, None], ...] = (
+            OrderedDict(),
+            OrderedDict(),
+            OrderedDict(),
+            OrderedDict(),
+        )
         self.evicted = 0
         self.reclaimed = 0
+        self.overflowed = 0
 
     # -- bookkeeping ---------------------------------------------------------------------
 
@@ -93,44 +138,90 @@ class BoundedMemoryStorage(Storage, MovingWindowSupport, SlidingWindowCounterSup
         return ValueError
 
     def __len__(self) -> int:
-        return len(self._records)
+        return len(self._records) - len(self._tiers[OVERFLOW])
 
     @property
     def tracked_keys(self) -> int:
-        """Keys currently held (expired ones included until reclaimed)."""
-        return len(self._records)
+        """Keys currently held (expired ones included until reclaimed; overflow not counted)."""
+        return len(self)
+
+    def _drop(self, key: str) -> None:
+        rec = self._records.pop(key)
+        del self._tiers[rec.tier][key]
+
+    def _full(self, now: float) -> bool:
+        """True when a new key cannot be tracked: the table holds only protected live keys."""
+        if len(self) < self.max_keys:
+            return False
+        light, middle, protected, _ = self._tiers
+        if light or middle or not protected:
+            return False
+        return self._records[next(iter(protected))].expires > now
+
+    def _resolve(self, key: str, limit: int, expiry: float, now: float) -> str:
+        """``key``, or when it is new and the table is full, its rate's overflow key."""
+        if key in self._records or not self._full(now):
+            return key
+        self.overflowed += 1
+        return f"{_OVERFLOW_PREFIX}{limit}/{expiry:g}"
 
     def _new(self, key: str, now: float) -> _Record:
+        """A record for a new key: reclaim expired keys, evict the cheapest if full."""
         records = self._records
-        for _ in range(RECLAIM_PER_INSERT):  # reclaim from the least recently used end
-            if not records:
-                break
-            oldest_key = next(iter(records))
-            if records[oldest_key].expires <= now:
-                del records[oldest_key]
-                self.reclaimed += 1
-            else:
-                break
-        while len(records) >= self.max_keys:
-            records.popitem(last=False)
+        tiers = self._tiers
+        if key.startswith(_OVERFLOW_PREFIX):
+            rec = records[key] = _Record()
+            rec.tier = OVERFLOW
+            tiers[OVERFLOW][key] = None
+            return rec
+        for tier in tiers:  # amortized reclaim from each tier's least recently used end
+            for _ in range(RECLAIM_PER_INSERT):
+                if not tier:
+                    break
+                oldest = next(iter(tier))
+                if records[oldest].expires <= now:
+                    self._drop(oldest)
+                    self.reclaimed += 1
+                else:
+                    break
+        light, middle, protected, _ = tiers
+        while len(self) >= self.max_keys and (light or middle):
+            self._drop(next(iter(light or middle)))
+            self.evicted += 1
+        if len(self) >= self.max_keys and protected:
+            # Only when a caller did not _resolve() first (limits' own storage interface).
+            self._drop(next(iter(protected)))
             self.evicted += 1
         rec = _Record()
         records[key] = rec
+        tiers[LIGHT][key] = None
         return rec
 
-    def _touch(self, key: str, now: float) -> _Record:
+    def _get_record(self, key: str, now: float) -> _Record:
         rec = self._records.get(key)
         if rec is None:
             return self._new(key, now)
-        self._records.move_to_end(key)
+        self._tiers[rec.tier].move_to_end(key)
         return rec
+
+    def _retier(self, key: str, rec: _Record, used: float, limit: int) -> None:
+        if rec.tier == OVERFLOW:
+            return
+        tier = _tier(used, limit) if limit else (PROTECTED if used > 1 else LIGHT)
+        if tier != rec.tier:
+            del self._tiers[rec.tier][key]
+            self._tiers[tier][key] = None
+            rec.tier = tier
+
+    def _touch(self, key: str, now: float) -> _Record:
+        return self._get_record(self._resolve(key, 0, 0.0, now), now)
 
     def sweep(self) -> int:
         """Drop every expired key now (O(keys)); returns how many. Optional: inserts reclaim too."""
         now = self._time()
         dead = [k for k, r in self._records.items() if r.expires <= now]
         for k in dead:
-            del self._records[k]
+            self._drop(k)
         self.reclaimed += len(dead)
         return len(dead)
 
@@ -140,8 +231,10 @@ class BoundedMemoryStorage(Storage, MovingWindowSupport, SlidingWindowCounterSup
         rec = self._touch(key, now)
         if rec.expires <= now:
             rec.count = 0
+            rec.start = now
             rec.expires = now + expiry
         rec.count += amount
+        self._retier(key, rec, rec.count, 0)
         return rec.count
 
     def _get(self, key: str, now: float) -> int:
@@ -167,12 +260,15 @@ class BoundedMemoryStorage(Storage, MovingWindowSupport, SlidingWindowCounterSup
         return True
 
     async def reset(self) -> int | None:
-        n = len(self._records)
+        n = len(self)
         self._records.clear()
+        for tier in self._tiers:
+            tier.clear()
         return n
 
     async def clear(self, key: str) -> None:
-        self._records.pop(key, None)
+        if key in self._records:
+            self._drop(key)
 
     # -- moving window -------------------------------------------------------------------
 
@@ -190,24 +286,30 @@ class BoundedMemoryStorage(Storage, MovingWindowSupport, SlidingWindowCounterSup
         if rec is None:
             if amount > limit:
                 return False, now, 0, now
-            rec = self._new(key, now)
-            events = rec.events = []
-        else:
-            self._records.move_to_end(key)
+            key = self._resolve(key, limit, expiry, now)
+            rec = self._get_record(key, now)
             if rec.events is None:
                 rec.events = []
             events = rec.events
-            cutoff = now - expiry
-            if events and events[0] < cutoff:  # drop what left the window, in one slice
-                del events[: bisect_left(events, cutoff)]
-            if len(events) + amount > limit:
-                return False, (events[0] if events else now), len(events), now
+        else:
+            self._tiers[rec.tier].move_to_end(key)
+            if rec.events is None:
+                rec.events = []
+            events = rec.events
+        cutoff = now - expiry
+        if events and events[0] < cutoff:  # drop what left the window, in one slice
+            del events[: bisect_left(events, cutoff)]
+        if len(events) + amount > limit:
+            return False, (events[0] if events else now), len(events), now
         if amount == 1:
             events.append(now)
         else:
             events.extend(itertools.repeat(now, amount))
         rec.expires = now + expiry
-        return True, events[0], len(events), now
+        n = len(events)
+        if n * 4 >= limit:
+            self._retier(key, rec, n, limit)
+        return True, events[0], n, now
 
     async def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
         return self.acquire_moving(key, limit, expiry, amount)[0]
@@ -233,8 +335,9 @@ class BoundedMemoryStorage(Storage, MovingWindowSupport, SlidingWindowCounterSup
 
     @staticmethod
     def _window_keys(key: str, expiry: float, at: float) -> tuple[str, str]:
-        # Same naming as limits.storage.base.TimestampedSlidingWindow.
-        return f"{key}/{int((at - expiry) / expiry)}", f"{key}/{int(at / expiry)}"
+        # limits.storage.base.TimestampedSlidingWindow's naming, with floor() where it has
+        # int(): in the first window after the epoch int() made both names the same.
+        return f"{key}/{floor((at - expiry) / expiry)}", f"{key}/{floor(at / expiry)}"
 
     def _sliding_info(self, key: str, expiry: float, now: float) -> tuple[int, float, int, float]:
         previous_key, current_key = self._window_keys(key, expiry, now)
@@ -265,7 +368,161 @@ class BoundedMemoryStorage(Storage, MovingWindowSupport, SlidingWindowCounterSup
 
     async def clear_sliding_window(self, key: str, expiry: int) -> None:
         for k in self._window_keys(key, expiry, self._time()):
-            self._records.pop(k, None)
+            if k in self._records:
+                self._drop(k)
+
+    # -- every strategy, several rates, one synchronous step ------------------------------
+
+    def decide(
+        self,
+        strategy: str,
+        keys: Sequence[str],
+        limits: Sequence[int],
+        expiries: Sequence[float],
+        cost: int = 1,
+    ) -> tuple[bool, int, list[RateState]]:
+        """Test every rate, and hit them all only when all admit: no await, so atomic.
+
+        Returns ``(admitted, index, states)``: refused -> ``index`` is the first rate that
+        refused and ``states`` holds only its state (remaining, retry after); admitted ->
+        ``index`` is -1 and ``states`` holds every rate's (remaining, reset after).
+        """
+        now = self._time()
+        resolve = self._resolve_sliding if strategy == "sliding-window-counter" else self._resolve
+        keys = [resolve(key, limits[i], expiries[i], now) for i, key in enumerate(keys)]
+        test = _TESTS[strategy]
+        for i, key in enumerate(keys):
+            ok, state = test(self, key, limits[i], expiries[i], cost, now)
+            if not ok:
+                return False, i, [state]
+        hit = _HITS[strategy]
+        return (
+            True,
+            -1,
+            [hit(self, key, limits[i], expiries[i], cost, now) for i, key in enumerate(keys)],
+        )
+
+    def _resolve_sliding(self, key: str, limit: int, expiry: float, now: float) -> str:
+        previous_key, current_key = self._window_keys(key, expiry, now)
+        records = self._records
+        if previous_key in records or current_key in records or not self._full(now):
+            return key
+        self.overflowed += 1
+        return f"{_OVERFLOW_PREFIX}{limit}/{expiry:g}"
+
+    # fixed window: a counter that starts with the first hit and lasts ``expiry``
+    def _fixed_test(
+        self, key: str, limit: int, expiry: float, cost: int, now: float
+    ) -> tuple[bool, RateState]:
+        rec = self._records.get(key)
+        if rec is None or rec.expires <= now:
+            return cost <= limit, (limit, expiry)
+        if rec.count + cost > limit:
+            return False, (max(0, limit - rec.count), rec.expires - now)
+        return True, (limit - rec.count, rec.expires - now)
+
+    def _fixed_hit(self, key: str, limit: int, expiry: float, cost: int, now: float) -> RateState:
+        rec = self._get_record(key, now)
+        if rec.expires <= now:
+            rec.count = 0
+            rec.start = now
+            rec.expires = now + expiry
+        rec.count += cost
+        self._retier(key, rec, rec.count, limit)
+        return max(0, limit - rec.count), rec.expires - now
+
+    # moving window: the timestamps of the last ``expiry`` seconds
+    def _moving_test(
+        self, key: str, limit: int, expiry: float, cost: int, now: float
+    ) -> tuple[bool, RateState]:
+        start, count = self.moving_window(key, expiry)
+        reset = max(0.0, start + expiry - now)
+        return count + cost <= limit, (max(0, limit - count), reset)
+
+    def _moving_hit(self, key: str, limit: int, expiry: float, cost: int, now: float) -> RateState:
+        _ok, start, count, now = self.acquire_moving(key, limit, expiry, cost)
+        return max(0, limit - count), max(0.0, start + expiry - now)
+
+    # sliding window counter: this window's count plus the previous one's, weighted
+    def _sliding_state(
+        self, key: str, limit: int, expiry: float, now: float
+    ) -> tuple[float, RateState]:
+        prev_count, prev_ttl, cur_count, cur_ttl = self._sliding_info(key, expiry, now)
+        weighted = prev_count * prev_ttl / expiry + cur_count
+        remaining = max(0, limit - floor(weighted))
+        if not (prev_count or cur_count):
+            return weighted, (remaining, 0.0)
+        # The previous window's weight drops by one every expiry / prev_count seconds; the
+        # current count stays until its window ends (cur_ttl is that plus one window).
+        prev_reset = prev_ttl % (expiry / prev_count) if prev_count else inf
+        cur_reset = cur_ttl - expiry if cur_count else inf
+        return weighted, (remaining, max(0.0, min(prev_reset, cur_reset)))
+
+    def _sliding_test(
+        self, key: str, limit: int, expiry: float, cost: int, now: float
+    ) -> tuple[bool, RateState]:
+        weighted, state = self._sliding_state(key, limit, expiry, now)
+        return floor(weighted) + cost <= limit, state
+
+    def _sliding_hit(self, key: str, limit: int, expiry: float, cost: int, now: float) -> RateState:
+        _, current_key = self._window_keys(key, expiry, now)
+        rec = self._get_record(current_key, now)
+        if rec.expires <= now:
+            rec.count = 0
+            rec.expires = now + 2 * expiry
+        rec.count += cost
+        self._retier(current_key, rec, rec.count, limit)
+        return self._sliding_state(key, limit, expiry, now)[1]
+
+    # token bucket (GCRA): ``limit`` tokens, refilled at ``limit / expiry`` per second
+    def _bucket_test(
+        self, key: str, limit: int, expiry: float, cost: int, now: float
+    ) -> tuple[bool, RateState]:
+        rec = self._records.get(key)
+        tat = rec.expires if rec is not None and rec.expires > now else now
+        ok, remaining, wait = gcra(tat, now, limit, expiry, cost)
+        return ok, (remaining, wait)
+
+    def _bucket_hit(self, key: str, limit: int, expiry: float, cost: int, now: float) -> RateState:
+        rec = self._get_record(key, now)
+        tat = rec.expires if rec.expires > now else now
+        new_tat = tat + cost * expiry / limit
+        rec.expires = new_tat
+        used = (new_tat - now) * limit / expiry
+        self._retier(key, rec, used, limit)
+        return max(0, floor(limit - used + 1e-6)), new_tat - now
+
+
+def gcra(tat: float, now: float, limit: int, expiry: float, cost: int) -> tuple[bool, int, float]:
+    """The GCRA test: (admitted, tokens left, seconds to wait or until the bucket is full).
+
+    ``tat`` is the theoretical arrival time (never before ``now``): the bucket is full when
+    ``tat == now`` and holds ``(expiry - (tat - now)) * limit / expiry`` tokens otherwise.
+    Refused: the wait is until ``cost`` tokens are back. Admitted: until it is full again.
+    """
+    # Epoch seconds near 1.7e9 carry ~2e-7 s of rounding: compare with a microsecond slack.
+    interval = expiry / limit
+    new_tat = tat + cost * interval
+    if new_tat - now > expiry + 1e-6:
+        left = max(0, floor((expiry - (tat - now)) / interval + 1e-6))
+        return False, left, new_tat - expiry - now
+    return True, max(0, floor((expiry - (new_tat - now)) / interval + 1e-6)), new_tat - now
+
+
+_Test = Callable[[BoundedMemoryStorage, str, int, float, int, float], tuple[bool, RateState]]
+_Hit = Callable[[BoundedMemoryStorage, str, int, float, int, float], RateState]
+_TESTS: dict[str, _Test] = {
+    "fixed-window": BoundedMemoryStorage._fixed_test,
+    "moving-window": BoundedMemoryStorage._moving_test,
+    "sliding-window-counter": BoundedMemoryStorage._sliding_test,
+    "token-bucket": BoundedMemoryStorage._bucket_test,
+}
+_HITS: dict[str, _Hit] = {
+    "fixed-window": BoundedMemoryStorage._fixed_hit,
+    "moving-window": BoundedMemoryStorage._moving_hit,
+    "sliding-window-counter": BoundedMemoryStorage._sliding_hit,
+    "token-bucket": BoundedMemoryStorage._bucket_hit,
+}
 
 
 def storage_from_uri(
@@ -274,33 +531,27 @@ def storage_from_uri(
     clock: Clock = SYSTEM_CLOCK,
     max_tracked_keys: int = 100_000,
     timeout: float = 0.25,
-) -> Storage:
-    """A :mod:`limits.aio` storage for ``uri``.
+) -> Storage | RedisLimitStorage:
+    """The rate-limit storage for ``uri``.
 
-    ``memory://`` -> :class:`BoundedMemoryStorage`. ``redis://`` and ``rediss://`` are
-    served by the *async* Redis storage of ``limits`` (a sync client would block the event
-    loop), using redis-py with short socket timeouts and no client-side retries: when
-    Redis is down the rate limiter must decide (fail open or closed) in milliseconds,
-    not after redis-py's default exponential back-off.
+    ``memory://`` -> :class:`BoundedMemoryStorage`. ``redis://``, ``rediss://`` (and their
+    ``async+`` spellings) -> :class:`~seawall.redis_storage.RedisLimitStorage`: one Lua
+    script per decision, a blocking pool of connections with short timeouts and no
+    client-side retries, because when Redis is down the rate limiter must decide (fail
+    open or closed) in milliseconds, not after redis-py's default back-off. Time on Redis
+    is Redis's own clock unless ``clock`` is a driven one (tests).
     """
     scheme = uri.split("://", 1)[0]
     if scheme in ("memory", "async+memory"):
         return BoundedMemoryStorage(clock=clock, max_keys=max_tracked_keys)
-    if scheme in ("redis", "rediss"):
-        uri = f"async+{uri}"
-        scheme = f"async+{scheme}"
-    if scheme in ("async+redis", "async+rediss"):
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-
-        storage = storage_from_string(
-            uri,
-            implementation="redispy",
-            wrap_exceptions=True,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),  # type: ignore[arg-type]
+    if scheme in ("redis", "rediss", "async+redis", "async+rediss"):
+        try:
+            import redis  # noqa: F401
+        except ImportError:  # pragma: no cover - depends on the installed extras
+            raise ValueError(
+                f"rate-limit storage {uri!r} needs the redis extra: pip install 'seawall[redis]'"
+            ) from None
+        return RedisLimitStorage(
+            uri, timeout=timeout, clock=None if clock is SYSTEM_CLOCK else clock
         )
-        assert isinstance(storage, Storage)
-        return storage
     raise ValueError(f"unsupported rate-limit storage URI {uri!r}")

@@ -10,7 +10,9 @@ fields such as ``"default";q=100;w=60`` and ``"default";r=0;t=30``) and a small 
 problem document. Admitted responses get the two RateLimit fields added to their
 ``http.response.start`` message, with the body passed through untouched and unbuffered.
 When the counter storage fails and the policy fails closed the answer is ``503`` with
-``Retry-After``; no storage error ever reaches the app or becomes a 500.
+``Retry-After``; failing open, requests are decided by in-process limits; no storage error
+ever reaches the app or becomes a 500. On lifespan shutdown the middleware closes its
+storage's connections, after the app's own shutdown ran.
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from seawall.asgi._http import retry_after_seconds, send_problem
 from seawall.clock import SYSTEM_CLOCK, Clock
 from seawall.events import EventBus
-from seawall.keys import KeyFunc, make_key_func
 from seawall.policy.ratelimit import RateLimitPolicy
 from seawall.protocol import REFUSED_HEADER
 from seawall.ratelimit import Decision, RateLimiter
+from seawall.ratelimit_keys import KeyFunc, make_key_func
+from seawall.redis_storage import RedisLimitStorage
 
 __all__ = ["RateLimitMiddleware"]
 
@@ -54,12 +57,13 @@ class RateLimitMiddleware:
         clock: Clock = SYSTEM_CLOCK,
         events: EventBus | None = None,
         key_func: Callable[[Scope], str | None] | None = None,
-        storage: Storage | None = None,
+        storage: Storage | RedisLimitStorage | None = None,
     ) -> None:
         self.app = app
         self.policy = policy = policy if policy is not None else RateLimitPolicy()
         self.limiter = RateLimiter(policy, storage=storage, clock=clock, events=events)
         opts: dict[str, Any] = {
+            "trusted_proxies": policy.trusted_proxies,
             "trusted_proxy_hops": policy.trusted_proxy_hops,
             "proxy_header": policy.proxy_header,
             "ipv6_prefix": policy.ipv6_prefix,
@@ -85,6 +89,9 @@ class RateLimitMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                await self._lifespan(scope, receive, send)
+                return
             await self.app(scope, receive, send)
             return
         path: str = scope.get("path", "")
@@ -115,13 +122,27 @@ class RateLimitMiddleware:
 
         await self.app(scope, receive, send_with_headers)
 
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass the lifespan through; close the storage once the app has shut down."""
+
+        async def send_then_close(message: Message) -> None:
+            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                await self.aclose()
+            await send(message)
+
+        await self.app(scope, receive, send_then_close)
+
+    async def aclose(self) -> None:
+        """Close the storage's connections (lifespan shutdown does it; idempotent)."""
+        await self.limiter.aclose()
+
     def _ratelimit_value(self, d: Decision) -> bytes:
         # ``t`` is delta-seconds: rounded up so a client never retries too early.
         return self._rl_prefix[d.rule] + b"%d;t=%d" % (d.remaining, ceil(d.reset_after))
 
     async def _refuse(self, scope: Scope, send: Send, d: Decision) -> None:
         head = scope.get("method") == "HEAD"
-        if d.storage_failed:
+        if d.storage_failed and not d.known:  # failing closed; a local refusal is a 429
             await send_problem(
                 send,
                 503,

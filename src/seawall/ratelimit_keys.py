@@ -1,12 +1,16 @@
-"""Rate-limit keys from an ASGI scope, safe against hostile input.
+"""Rate-limit client keys from an ASGI scope (who is this request?), safe against hostile input.
 
 Three rules keep keys trustworthy and cheap:
 
 * The client address comes from the socket peer. ``X-Forwarded-For`` / ``Forwarded`` are
-  read only through the configured number of trusted proxy hops (default 0: a spoofed
-  header changes nothing). With N hops the address is the N-th entry from the right, the
-  one written by our outermost trusted proxy; anything the client wrote to the left of it
-  is ignored. A short or malformed header falls back to the peer address.
+  read only when that peer is one of the configured trusted proxies (addresses or CIDRs,
+  like uvicorn's ``forwarded_allow_ips`` and nginx's ``set_real_ip_from``; default none:
+  a spoofed header changes nothing, and a client that reaches the app directly is keyed
+  by its own address whatever it writes). Through a trusted peer the header is read from
+  the right, skipping entries that are trusted proxies themselves (nginx's
+  ``real_ip_recursive``), or, with ``trusted_proxy_hops=N``, the N-th entry from the right;
+  anything the client wrote to the left of it is ignored. A short or malformed header
+  falls back to the peer address.
 * Every key is namespaced by its kind (``ip:``, ``h:``, ``fn:``, ``*``), so a tenant
   called ``ip:10.0.0.1`` cannot share a counter with that address.
 * Keys are bounded: values that are long or hold anything outside a safe character set
@@ -27,9 +31,9 @@ from typing import Any
 
 from starlette.types import Scope
 
-__all__ = ["KeyFunc", "bounded", "client_address", "make_key_func"]
+__all__ = ["KeyFunc", "ProxyTrust", "bounded", "client_address", "make_key_func"]
 
-log = logging.getLogger("seawall.keys")
+log = logging.getLogger("seawall.ratelimit_keys")
 
 KeyFunc = Callable[[Scope], str]
 
@@ -75,6 +79,64 @@ def _normalize_ip(text: str, ipv6_prefix: int) -> str | None:
             net = ipaddress.IPv6Network((int(addr), ipv6_prefix), strict=False)
             return f"{net.network_address}~{ipv6_prefix}"  # no "/": limits joins with it
     return str(addr)
+
+
+class ProxyTrust:
+    """Which peers may set forwarding headers: addresses or networks, or ``*`` for any."""
+
+    __slots__ = ("_any", "_cache", "_networks")
+
+    def __init__(self, proxies: Any = ()) -> None:
+        if isinstance(proxies, ProxyTrust):
+            proxies = proxies.spec
+        self._any = "*" in proxies
+        self._networks = tuple(
+            ipaddress.ip_network(p, strict=False) for p in sorted(proxies) if p != "*"
+        )
+        self._cache: dict[str, bool] = {}
+
+    @property
+    def spec(self) -> tuple[str, ...]:
+        return ("*",) if self._any else tuple(str(n) for n in self._networks)
+
+    def __bool__(self) -> bool:
+        return self._any or bool(self._networks)
+
+    def __contains__(self, host: object) -> bool:
+        """True when ``host`` (address text) is a trusted proxy; never raises."""
+        if self._any:
+            return True
+        if not isinstance(host, str) or not self._networks or len(host) > 64:
+            return False
+        known = self._cache.get(host)
+        if known is None:
+            try:
+                addr = ipaddress.ip_address(host.strip().strip("[]"))
+            except ValueError:
+                known = False
+            else:
+                mapped = getattr(addr, "ipv4_mapped", None)
+                if mapped is not None:
+                    addr = mapped
+                known = any(addr in net for net in self._networks)
+            if len(self._cache) >= _IP_CACHE_MAX:
+                self._cache.clear()
+            self._cache[host] = known
+        return known
+
+
+_NO_TRUST = ProxyTrust()
+
+
+def _peer_host(scope: Scope) -> str | None:
+    client = scope.get("client")
+    if not client:
+        return None
+    try:
+        host = client[0]
+    except (TypeError, IndexError, KeyError):
+        return None
+    return host if isinstance(host, str) and host else None
 
 
 def _peer_key(scope: Scope, ipv6_prefix: int) -> str:
@@ -146,28 +208,48 @@ def _forwarded_entries(text: str, hops: int) -> list[str]:
     return out
 
 
+MAX_FORWARDED_ENTRIES = 64
+"""Entries read from the right of a forwarding header when skipping trusted proxies."""
+
+
 def client_address(
     scope: Scope,
     *,
+    trusted_proxies: ProxyTrust | Any = (),
     trusted_proxy_hops: int = 0,
     proxy_header: str = "x-forwarded-for",
     ipv6_prefix: int = 64,
 ) -> str:
-    """The namespaced client-address key (``ip:...``) for ``scope``; never raises."""
+    """The namespaced client-address key (``ip:...``) for ``scope``; never raises.
+
+    Forwarding headers count only when the socket peer is in ``trusted_proxies``.
+    """
     try:
-        if trusted_proxy_hops <= 0:
+        trust = trusted_proxies if isinstance(trusted_proxies, ProxyTrust) else None
+        if trust is None:
+            trust = ProxyTrust(trusted_proxies) if trusted_proxies else _NO_TRUST
+        if not trust or _peer_host(scope) not in trust:
             return _peer_key(scope, ipv6_prefix)
         name = b"forwarded" if proxy_header == "forwarded" else b"x-forwarded-for"
         text = _header_values(scope, name)
         if text is None:
             return _peer_key(scope, ipv6_prefix)
+        wanted = trusted_proxy_hops if trusted_proxy_hops > 0 else MAX_FORWARDED_ENTRIES
         if name == b"forwarded":
-            entries = _forwarded_entries(text, trusted_proxy_hops)
+            entries = _forwarded_entries(text, wanted)
         else:
-            entries = _xff_entries(text, trusted_proxy_hops)
-        if len(entries) < trusted_proxy_hops:
-            return _peer_key(scope, ipv6_prefix)  # did not pass through all our proxies
-        candidate = _strip_port(entries[0])
+            entries = _xff_entries(text, wanted)
+        if trusted_proxy_hops > 0:
+            if len(entries) < trusted_proxy_hops:
+                return _peer_key(scope, ipv6_prefix)  # did not pass through all our proxies
+            candidate = _strip_port(entries[0])
+        else:
+            # From the right: the first entry that is not one of our proxies is the client.
+            candidate = ""
+            for entry in reversed(entries):
+                candidate = _strip_port(entry)
+                if candidate not in trust:
+                    break
         ip = _normalize_ip(candidate, ipv6_prefix) if 0 < len(candidate) <= 64 else None
         if ip is None:
             return _peer_key(scope, ipv6_prefix)
@@ -180,6 +262,7 @@ def client_address(
 def make_key_func(
     source: Any,
     *,
+    trusted_proxies: Any = (),
     trusted_proxy_hops: int = 0,
     proxy_header: str = "x-forwarded-for",
     ipv6_prefix: int = 64,
@@ -189,16 +272,18 @@ def make_key_func(
     A missing header or a callable that returns None or raises falls back to the client
     address, so an anonymous request is still limited, under a different namespace.
     """
+    trust = ProxyTrust(trusted_proxies)
 
     def client(scope: Scope) -> str:
         return client_address(
             scope,
+            trusted_proxies=trust,
             trusted_proxy_hops=trusted_proxy_hops,
             proxy_header=proxy_header,
             ipv6_prefix=ipv6_prefix,
         )
 
-    if trusted_proxy_hops == 0:
+    if not trust:
         cache = _ip_cache
 
         def client(scope: Scope) -> str:
