@@ -172,6 +172,7 @@ CRASHED_LATER: list[tuple[dict[str, Any], str, str]] = [
     ({"limit": "1 per 100000000000000000000 second"}, "limit", "ten years"),
     ({"limit": "10000000000/second"}, "limit", "more than"),
     ({"storage_timeout": 600}, "storage_timeout", "at most 60"),
+    ({"storage_timeout": 7e-40}, "storage_timeout", "at least 0.001"),
     ({"trusted_proxy_hops": 1}, "trusted_proxy_hops", "needs trusted_proxies"),
     ({"trusted_proxies": ["10.0.0.0/33"]}, "trusted_proxies", "CIDR"),
     ({"trusted_proxies": "10.0.0.0/8"}, "trusted_proxies", "is not a list"),

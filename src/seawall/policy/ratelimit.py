@@ -276,6 +276,12 @@ class RateLimitPolicy(PolicyBase):
             raise PolicyError("strategy", self.strategy, f"is not one of {', '.join(STRATEGIES)}")
         check_storage_uri("storage", self.storage)
         check_positive("storage_timeout", self.storage_timeout)
+        if self.storage_timeout < 0.001:
+            raise PolicyError(  # found by the generated-policy test: 7e-40 s loaded, then
+                "storage_timeout",  # every request failed as if the store were down
+                self.storage_timeout,
+                "must be at least 0.001 s: no store answers sooner, so every request would fail",
+            )
         if self.storage_timeout > 60:
             raise PolicyError(
                 "storage_timeout", self.storage_timeout, "must be at most 60 s: requests wait on it"
