@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from seawall.cache.fallback import FallbackCache
 from seawall.cache.keys import (
     EXTRACTORS,
+    UNVERIFIABLE,
     RequestInfo,
     credential_scope,
     extract_digest,
@@ -33,7 +34,7 @@ def test_oci_extractor_matches_blobs_only() -> None:
     assert oci_blob_digest(f"/v2/library/alpine/blobs/sha256:{HEX}", "") == f"sha256:{HEX}"
     assert oci_blob_digest(f"/v2/a/b/c/blobs/sha256:{HEX2}", "") == f"sha256:{HEX2}"
     assert oci_blob_digest("/v2/library/alpine/manifests/latest", "") is None
-    assert oci_blob_digest(f"/v2/x/blobs/sha256:{HEX[:63]}", "") is None
+    assert oci_blob_digest(f"/v2/x/blobs/sha256:{HEX[:63]}", "") == UNVERIFIABLE
     assert oci_blob_digest(f"/v2/x/blobs/uploads/sha256:{HEX}x", "") is None
 
 
@@ -41,7 +42,7 @@ def test_fragment_extractor() -> None:
     assert fragment_digest("/packages/x.whl", f"sha256={HEX}") == f"sha256:{HEX}"
     assert fragment_digest("/packages/x.whl", f"md5=00&sha256={HEX2}") == f"sha256:{HEX2}"
     assert fragment_digest("/packages/x.whl", "md5=00") is None
-    assert fragment_digest("/packages/x.whl", f"sha256={HEX}0") is None
+    assert fragment_digest("/packages/x.whl", f"sha256={HEX}0") == UNVERIFIABLE
 
 
 def test_path_extractor_both_spellings() -> None:

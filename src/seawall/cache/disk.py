@@ -188,7 +188,9 @@ class DiskStore(Store):
 
     # -- reading ------------------------------------------------------------------------
 
-    def _read_meta_sync(self, name: str) -> tuple[Meta, int] | None:
+    def _read_meta_sync(self, name: str, key: str | None = None) -> tuple[Meta, int] | None:
+        """The entry's metadata and body length; with ``key``, only if the file is that
+        key's (a file copied under another key's name is corrupt, never served)."""
         path = self._path(name)
         try:
             with open(path, "rb") as f:
@@ -204,6 +206,8 @@ class DiskStore(Store):
                 meta = doc["meta"]
                 if not isinstance(meta, dict):
                     raise ValueError("bad metadata")
+                if key is not None and doc.get("key") != key:
+                    raise ValueError("the file holds another key's entry")
                 return meta, body_len
         except FileNotFoundError:
             self._forget(name)
@@ -222,7 +226,7 @@ class DiskStore(Store):
             if name not in self._index:
                 return None
             self._index.move_to_end(name)
-        found = self._read_meta_sync(name)
+        found = self._read_meta_sync(name, key)
         if found is None:
             return None
         meta, body_len = found

@@ -20,11 +20,12 @@ async methods here are ``cache.aio``'s.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from seawall.cache.freshness import (
     Freshness,
@@ -69,7 +70,7 @@ __all__ = [
     "vary_index_meta",
 ]
 
-_FORMAT = 1
+_FORMAT = 2  # 2: the content hash names its algorithm (sha512 digests)
 _HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -155,7 +156,7 @@ class Hit:
     status: int
     headers: list[tuple[str, str]]
     size: int
-    sha256: str
+    content_hash: str  # "algo:hex" the stored body must hash to (the digest, for a blob)
     digest: str | None
     freshness: Freshness
     state: State
@@ -230,7 +231,13 @@ class FallbackCache:
     def key(self, request: RequestInfo) -> RequestKey:
         """The base key of ``request`` under this cache's policy."""
         p = self.policy
-        return request_key(request, public=p.public, extractors=p.extractors, namespace=p.namespace)
+        return request_key(
+            request,
+            public=p.public,
+            extractors=p.extractors,
+            namespace=p.namespace,
+            credential_headers=p.credential_headers,
+        )
 
     def _emit(self, event: Event) -> None:
         self.events.emit(event)
@@ -282,6 +289,8 @@ class FallbackCache:
         try:
             if meta.get("v") != _FORMAT or meta.get("digest") != rk.digest:
                 return None
+            if rk.digest is not None and meta.get("hash") != rk.digest:
+                return None
             freshness = Freshness.from_json(meta["freshness"])
             now = self.clock.wall()
             return Hit(
@@ -290,7 +299,7 @@ class FallbackCache:
                 status=int(meta["status"]),
                 headers=[(str(k), str(v)) for k, v in meta["headers"]],
                 size=int(meta["size"]),
-                sha256=str(meta["sha256"]),
+                content_hash=str(meta["hash"]),
                 digest=rk.digest,
                 freshness=freshness,
                 state=evaluate(freshness, now),
@@ -302,11 +311,9 @@ class FallbackCache:
             return None
 
     @staticmethod
-    def expected_sha256(hit: Hit) -> str:
-        """The hex sha256 the stored body must hash to."""
-        if hit.digest is not None:
-            return hit.digest.partition(":")[2]
-        return hit.sha256
+    def hasher(content_hash: str) -> Any:
+        """A new hash object of the algorithm ``content_hash`` (``algo:hex``) names."""
+        return hashlib.new(content_hash.partition(":")[0])
 
     def corrupt(self, url: str, reason: str) -> None:
         """Count an entry that failed verification (the caller deletes it)."""
@@ -346,6 +353,10 @@ class FallbackCache:
         stored. Claims the key: only one recording per key runs at a time."""
         if not is_storable_request(request.method, request.headers):
             return None
+        rk = self.key(request)
+        if not rk.cacheable:  # a digest the cache cannot verify: never stored
+            self.rejected(rk.url, "the URL names a digest the cache cannot verify")
+            return None
         if not is_storable_response(status, headers):
             return None
         if not self.store.writable:
@@ -356,7 +367,6 @@ class FallbackCache:
         vary = parse_vary(", ".join(v for k, v in headers if k.lower() == "vary"))
         if vary is None:
             return None
-        rk = self.key(request)
         key = variant_key(rk.base, vary_values(request, vary)) if vary else rk.base
         if not self.claim(key):
             self.stats.concurrent_skipped += 1  # one recording per key is enough
@@ -376,13 +386,14 @@ class FallbackCache:
             self._inflight.discard(key)
 
     def judge_recording(self, recording: Recording, size: int, actual: str) -> str | None:
-        """Why a finished recording must not be kept (incomplete, wrong digest), or None."""
+        """Why a finished recording must not be kept (incomplete, wrong digest), or None;
+        ``actual`` is the body's hash as ``algo:hex``."""
         expected = recording.expected_size
         if expected is not None and size != expected:
             return f"incomplete body: {size} of {expected} bytes"
         digest = recording.rk.digest
-        if digest is not None and f"sha256:{actual}" != digest:
-            return f"bytes hash to sha256:{actual}, not {digest}"
+        if digest is not None and actual != digest:
+            return f"bytes hash to {actual}, not {digest}"
         return None
 
     def rejected(self, url: str, reason: str) -> None:
@@ -403,7 +414,7 @@ class FallbackCache:
                 merged[k] = v
         new_headers = list(merged.items())
         rk = RequestKey(base=hit.key, url=hit.url, digest=hit.digest, scope="")
-        meta = self.meta_for(rk, hit.status, new_headers, hit.vary, hit.size, hit.sha256)
+        meta = self.meta_for(rk, hit.status, new_headers, hit.vary, hit.size, hit.content_hash)
         self.stats.revalidated += 1
         fresh = Freshness.from_json(meta["freshness"])
         now = self.clock.wall()
@@ -413,7 +424,7 @@ class FallbackCache:
             status=hit.status,
             headers=new_headers,
             size=hit.size,
-            sha256=hit.sha256,
+            content_hash=hit.content_hash,
             digest=hit.digest,
             freshness=fresh,
             state=evaluate(fresh, now),
@@ -429,7 +440,7 @@ class FallbackCache:
         headers: list[tuple[str, str]],
         vary: tuple[str, ...],
         size: int,
-        sha256: str,
+        content_hash: str,
     ) -> Meta:
         p = self.policy
         fresh = freshness_for(
@@ -446,7 +457,7 @@ class FallbackCache:
             "status": status,
             "headers": [[k, v] for k, v in headers],
             "size": size,
-            "sha256": sha256,
+            "hash": content_hash,
             "digest": rk.digest,
             "vary": list(vary),
             "freshness": fresh.to_json(),
@@ -464,10 +475,12 @@ class Recording:
     status: int
     headers: list[tuple[str, str]]
     expected_size: int | None = field(init=False)
+    algorithm: str = field(init=False)  # of the content hash: the digest's, else sha256
 
     def __post_init__(self) -> None:
         length = next((v for k, v in self.headers if k == "content-length"), None)
         self.expected_size = int(length) if length and length.isdigit() else None
+        self.algorithm = self.rk.digest.partition(":")[0] if self.rk.digest else "sha256"
 
 
 def vary_index_meta(vary: tuple[str, ...]) -> Meta:

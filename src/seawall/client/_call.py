@@ -138,3 +138,6 @@ class CallFaceBase:
 
     def is_upstream_failure(self, exc: BaseException) -> bool:
         return False
+
+    def redirect(self, request: Invocation, url: str) -> Invocation:
+        raise TypeError("a call has no redirects")

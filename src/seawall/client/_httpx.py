@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import httpx
 
 from seawall.breaker import CircuitOpenError, Outcome
-from seawall.cache.keys import RequestInfo
+from seawall.cache.keys import RequestInfo, is_credential_header
 from seawall.client.core import RateLimitWaitTooLong, http_may_repeat
 from seawall.errors import PolicyError, SeawallError
 from seawall.policy.retry import RetryPolicy
@@ -126,6 +126,20 @@ class HttpxFaceBase:
             stream=request.stream,
             extensions=request.extensions,
         )
+
+    def redirect(self, request: httpx.Request, url: str) -> httpx.Request:
+        target = httpx.URL(url)
+        same_origin = (target.scheme, target.host, target.port) == (
+            request.url.scheme,
+            request.url.host,
+            request.url.port,
+        )
+        headers = [
+            (k, v)
+            for k, v in request.headers.multi_items()
+            if k.lower() != "host" and (same_origin or not is_credential_header(k.lower()))
+        ]
+        return httpx.Request("GET", target, headers=headers, extensions=request.extensions)
 
     def is_upstream_failure(self, exc: BaseException) -> bool:
         if isinstance(exc, httpx.TransportError):

@@ -58,15 +58,16 @@ Resp = TypeVar("Resp")  # what it gets back
 Req_contra = TypeVar("Req_contra", contravariant=True)
 Resp_contra = TypeVar("Resp_contra", contravariant=True)
 
-_DIGEST = re.compile(r"sha256(?::|%3[aA]|/|=|-)[0-9a-fA-F]{64}")
+_SEP = r"(?::|%3[aA]|/|=|-)"
+_DIGEST = re.compile(rf"sha(?:256{_SEP}[0-9a-fA-F]{{64}}|512{_SEP}[0-9a-fA-F]{{128}})")
 _DIGEST_BYTES = re.compile(_DIGEST.pattern.encode())
 
 
 def is_immutable_url(url: str | bytes) -> bool:
-    """True when the URL names content by its sha256 digest (an OCI blob, a pinned file)."""
+    """True when the URL names content by a digest (an OCI blob, a pinned file)."""
     if isinstance(url, bytes):
-        return b"sha256" in url and _DIGEST_BYTES.search(url) is not None
-    return "sha256" in url and _DIGEST.search(url) is not None
+        return b"sha" in url and _DIGEST_BYTES.search(url) is not None
+    return "sha" in url and _DIGEST.search(url) is not None
 
 
 CALL_TIME_LIMIT: ContextVar[float | None] = ContextVar("seawall_call_time_limit", default=None)

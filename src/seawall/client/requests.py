@@ -31,7 +31,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from seawall.breaker import BreakerRegistry, CircuitOpenError, Outcome
 from seawall.cache.fallback import FallbackCache
-from seawall.cache.keys import RequestInfo
+from seawall.cache.keys import RequestInfo, is_credential_header
 from seawall.client._sync.pipeline import SyncBody, SyncPipeline
 from seawall.client.core import ClientCore, CoreAccess, http_may_repeat
 from seawall.clock import SYSTEM_CLOCK, Clock
@@ -234,6 +234,22 @@ class _RequestsFace:
         copy = request.request.copy()
         for name, value in headers:
             copy.headers[name] = value
+        return replace(request, request=copy)
+
+    def redirect(self, request: _Outgoing, url: str) -> _Outgoing:
+        old = urlsplit(request.request.url or "")
+        new = urlsplit(url)
+        same_origin = (old.scheme, old.hostname, old.port) == (new.scheme, new.hostname, new.port)
+        copy = request.request.copy()
+        copy.method = "GET"
+        copy.body = None
+        copy.prepare_url(url, None)
+        for name in list(copy.headers):
+            low = name.lower()
+            if low in ("host", "content-length", "content-type") or (
+                not same_origin and is_credential_header(low)
+            ):
+                del copy.headers[name]
         return replace(request, request=copy)
 
     def is_upstream_failure(self, exc: BaseException) -> bool:

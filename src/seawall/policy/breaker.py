@@ -78,6 +78,9 @@ class BreakerPolicy(PolicyBase):
         if self.window not in ("count", "time"):
             raise PolicyError("window", self.window, "must be 'count' or 'time'")
         if self.window == "count":
+            size = self.window_size
+            if isinstance(size, float) and size.is_integer():  # the default, 30.0: 30 calls
+                object.__setattr__(self, "window_size", int(size))
             check_int_at_least("window_size", self.window_size, 1)
         else:
             check_positive("window_size", self.window_size)

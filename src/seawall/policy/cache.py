@@ -8,6 +8,7 @@ window: a build that pulled yesterday should still pull when the registry is dow
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from seawall.errors import PolicyError
@@ -19,6 +20,8 @@ from seawall.policy.base import (
 )
 
 __all__ = ["DEFAULT_EXTRACTORS", "CachePolicy"]
+
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP field name (RFC 9110)
 
 DEFAULT_EXTRACTORS: tuple[str, ...] = ("oci", "fragment", "path")
 """Digest extractors tried in order (names registered in :mod:`seawall.cache.keys`)."""
@@ -48,6 +51,10 @@ class CachePolicy(PolicyBase):
       extractor that a plug-in registers later (and the policy layer imports no mechanism).
     - ``serve_fresh``: the client serves fresh entries without asking the upstream.
     - ``namespace``: prefix of every store key (several caches can share one store).
+    - ``credential_headers``: request headers that carry a credential, besides the ones
+      seawall knows (Authorization, Proxy-Authorization, Cookie, Artifactory's
+      X-JFrog-Art-Api, GitLab's tokens, X-Api-Key) and any header whose name looks like
+      one; each is part of the credential scope, so a copy is only served to the same one.
     - ``fallback_after``: with a copy that may answer for a failure, a client gives the
       upstream this long (every attempt and wait included) before the copy answers, so a
       hanging registry costs seconds, not the client's whole deadline (None: no limit).
@@ -66,6 +73,7 @@ class CachePolicy(PolicyBase):
     serve_fresh: bool = True
     namespace: str = "seawall"
     fallback_after: float | None = 5.0
+    credential_headers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_int_at_least("max_bytes", self.max_bytes, 1)
@@ -83,8 +91,15 @@ class CachePolicy(PolicyBase):
             raise PolicyError("public", self.public, "must be true or false")
         if not isinstance(self.serve_fresh, bool):
             raise PolicyError("serve_fresh", self.serve_fresh, "must be true or false")
-        if not isinstance(self.fallback_statuses, frozenset):
-            object.__setattr__(self, "fallback_statuses", frozenset(self.fallback_statuses))
+        statuses = self.fallback_statuses
+        if isinstance(statuses, str | bytes) or not isinstance(
+            statuses, frozenset | set | list | tuple
+        ):
+            raise PolicyError(  # a bare 503 used to raise a TypeError
+                "fallback_statuses", statuses, "must be a list of HTTP statuses, e.g. [503]"
+            )
+        if not isinstance(statuses, frozenset):
+            object.__setattr__(self, "fallback_statuses", frozenset(statuses))
         for status in self.fallback_statuses:
             if isinstance(status, bool) or not isinstance(status, int) or not 400 <= status <= 599:
                 raise PolicyError(
@@ -96,6 +111,13 @@ class CachePolicy(PolicyBase):
         for name in self.extractors:
             if not isinstance(name, str) or not name:
                 raise PolicyError("extractors", name, "is not an extractor name")
+        headers = self.credential_headers
+        if isinstance(headers, str) or not isinstance(headers, tuple | list):
+            raise PolicyError("credential_headers", headers, "must be a list of header names")
+        for name in headers:
+            if not isinstance(name, str) or not _TOKEN.fullmatch(name):
+                raise PolicyError("credential_headers", name, "is not an HTTP header name")
+        object.__setattr__(self, "credential_headers", tuple(h.lower() for h in headers))
         if self.fallback_after is not None:
             check_positive("fallback_after", self.fallback_after)
         if not isinstance(self.namespace, str) or not self.namespace or "\n" in self.namespace:

@@ -69,14 +69,18 @@ class RetryPolicy(PolicyBase):
                 f"must be at least backoff_base ({self.backoff_base})",
             )
         methods = self.retry_methods
-        if isinstance(methods, str) or not all(isinstance(m, str) and m for m in methods):
+        if isinstance(methods, str) or not isinstance(methods, set | frozenset | list | tuple):
+            raise PolicyError("retry_methods", methods, "must be a list of HTTP method names")
+        if not all(isinstance(m, str) and m for m in methods):
             raise PolicyError("retry_methods", methods, "must be a set of HTTP method names")
         object.__setattr__(self, "retry_methods", frozenset(m.upper() for m in methods))
         if not isinstance(self.retry_unsafe, bool):
             raise PolicyError("retry_unsafe", self.retry_unsafe, "must be true or false")
         _check_header_name("idempotency_header", self.idempotency_header)
         statuses = self.retry_statuses
-        if isinstance(statuses, str) or not all(
+        if isinstance(statuses, str) or not isinstance(statuses, set | frozenset | list | tuple):
+            raise PolicyError("retry_statuses", statuses, "must be a list of HTTP statuses")
+        if not all(
             isinstance(s, int) and not isinstance(s, bool) and 100 <= s <= 599 for s in statuses
         ):
             raise PolicyError("retry_statuses", statuses, "must be a set of HTTP status codes")
@@ -121,11 +125,17 @@ class ClientPolicy(PolicyBase):
             from limits import parse
 
             try:
-                parse(self.rate_limit)
+                item = parse(self.rate_limit)
             except Exception:
                 raise PolicyError(
                     "rate_limit", self.rate_limit, "is not a rate like '100/second'"
                 ) from None
+            if item.amount < 1 or not 0 < item.get_expiry() <= 10 * 365 * 86400:
+                raise PolicyError(  # "0/second" used to divide by zero on the first call
+                    "rate_limit",
+                    self.rate_limit,
+                    "must allow at least 1 call per window of at most 10 years",
+                )
         if self.max_concurrency is not None:
             check_int_at_least("max_concurrency", self.max_concurrency, 1)
         if not isinstance(self.coalesce, bool):

@@ -82,7 +82,7 @@ class AsyncCacheIO:
         return hit
 
     async def _verify(self, hit: Hit, chunks: Iterator[bytes]) -> str | None:
-        h = hashlib.sha256()
+        h = self.cache.hasher(hit.content_hash)
         size = 0
         try:
             async for chunk in self._chunks(chunks):
@@ -92,8 +92,8 @@ class AsyncCacheIO:
             return f"unreadable body: {exc}"
         if size != hit.size:
             return f"size {size} != recorded {hit.size}"
-        if h.hexdigest() != self.cache.expected_sha256(hit):
-            return "digest mismatch" if hit.digest else "sha256 mismatch"
+        if f"{h.name}:{h.hexdigest()}" != hit.content_hash:
+            return "digest mismatch" if hit.digest else "content hash mismatch"
         return None
 
     async def _corrupt(self, key: str, url: str, reason: str) -> None:
@@ -106,13 +106,13 @@ class AsyncCacheIO:
         reader = await async_offload(self._blocking, cache.store.open_reader, hit.key)
         if reader is None:
             raise CacheCorruptError(f"cache entry for {hit.url} disappeared")
-        h = hashlib.sha256()
+        h = cache.hasher(hit.content_hash)
         size = 0
         async for chunk in self._chunks(reader[1]):
             h.update(chunk)
             size += len(chunk)
             yield chunk
-        if size != hit.size or h.hexdigest() != cache.expected_sha256(hit):
+        if size != hit.size or f"{h.name}:{h.hexdigest()}" != hit.content_hash:
             await self._corrupt(hit.key, hit.url, "changed while served")
             raise CacheCorruptError(f"cache entry for {hit.url} changed while served")
 
@@ -166,7 +166,7 @@ class AsyncCacheRecorder:
         self._io = io
         self._recording = recording
         self._writer = writer
-        self._hash = hashlib.sha256()
+        self._hash = hashlib.new(recording.algorithm)
         self._size = 0
         self._done = False
 
@@ -193,7 +193,7 @@ class AsyncCacheRecorder:
         cache = io.cache
         rec = self._recording
         try:
-            actual = self._hash.hexdigest()
+            actual = f"{self._hash.name}:{self._hash.hexdigest()}"
             reason = cache.judge_recording(rec, self._size, actual)
             if reason is not None:
                 cache.rejected(rec.rk.url, reason)

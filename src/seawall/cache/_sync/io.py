@@ -83,7 +83,7 @@ class SyncCacheIO:
         return hit
 
     def _verify(self, hit: Hit, chunks: Iterator[bytes]) -> str | None:
-        h = hashlib.sha256()
+        h = self.cache.hasher(hit.content_hash)
         size = 0
         try:
             for chunk in self._chunks(chunks):
@@ -93,8 +93,8 @@ class SyncCacheIO:
             return f"unreadable body: {exc}"
         if size != hit.size:
             return f"size {size} != recorded {hit.size}"
-        if h.hexdigest() != self.cache.expected_sha256(hit):
-            return "digest mismatch" if hit.digest else "sha256 mismatch"
+        if f"{h.name}:{h.hexdigest()}" != hit.content_hash:
+            return "digest mismatch" if hit.digest else "content hash mismatch"
         return None
 
     def _corrupt(self, key: str, url: str, reason: str) -> None:
@@ -107,13 +107,13 @@ class SyncCacheIO:
         reader = sync_offload(self._blocking, cache.store.open_reader, hit.key)
         if reader is None:
             raise CacheCorruptError(f"cache entry for {hit.url} disappeared")
-        h = hashlib.sha256()
+        h = cache.hasher(hit.content_hash)
         size = 0
         for chunk in self._chunks(reader[1]):
             h.update(chunk)
             size += len(chunk)
             yield chunk
-        if size != hit.size or h.hexdigest() != cache.expected_sha256(hit):
+        if size != hit.size or f"{h.name}:{h.hexdigest()}" != hit.content_hash:
             self._corrupt(hit.key, hit.url, "changed while served")
             raise CacheCorruptError(f"cache entry for {hit.url} changed while served")
 
@@ -167,7 +167,7 @@ class SyncCacheRecorder:
         self._io = io
         self._recording = recording
         self._writer = writer
-        self._hash = hashlib.sha256()
+        self._hash = hashlib.new(recording.algorithm)
         self._size = 0
         self._done = False
 
@@ -194,7 +194,7 @@ class SyncCacheRecorder:
         cache = io.cache
         rec = self._recording
         try:
-            actual = self._hash.hexdigest()
+            actual = f"{self._hash.name}:{self._hash.hexdigest()}"
             reason = cache.judge_recording(rec, self._size, actual)
             if reason is not None:
                 cache.rejected(rec.rk.url, reason)

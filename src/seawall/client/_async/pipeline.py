@@ -18,6 +18,7 @@ import contextlib
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Generic, Protocol, TypeVar
+from urllib.parse import urljoin
 
 from seawall.cache._async.io import AsyncCacheRecorder
 from seawall.cache.fallback import FallbackCache, Hit
@@ -49,6 +50,8 @@ Req_contra = TypeVar("Req_contra", contravariant=True)
 Resp_co = TypeVar("Resp_co", covariant=True)
 
 _CONDITIONALS = ("if-none-match", "if-modified-since", "if-match", "if-unmodified-since")
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_MAX_REDIRECTS = 5
 
 
 class AsyncHandler(Protocol[Req_contra, Resp_co]):
@@ -104,6 +107,11 @@ class AsyncFace(Face[Req, Resp], Protocol):
 
     def is_upstream_failure(self, exc: BaseException) -> bool:
         """Trouble upstream the cache may cover for (never the caller's own mistake)."""
+        ...
+
+    def redirect(self, request: Req, url: str) -> Req:
+        """A GET of ``url`` following ``request``'s redirect; credentials only to the same
+        origin (:func:`seawall.cache.keys.is_credential_header` says which headers)."""
         ...
 
 
@@ -420,6 +428,8 @@ class AsyncCacheLayer(Generic[Req, Resp]):
             token = CALL_TIME_LIMIT.set(wait)  # the copy answers sooner than the deadline
         try:
             response = await inner(conditional or request)
+            if method == "GET" and face.status(response) in _REDIRECTS:
+                response = await self._follow(request, info, response, inner)
         except Exception as exc:
             if hit is not None and hit.usable_on_error and face.is_upstream_failure(exc):
                 return self._answer(request, method, hit, type(exc).__name__)
@@ -428,6 +438,25 @@ class AsyncCacheLayer(Generic[Req, Resp]):
             if token is not None:
                 CALL_TIME_LIMIT.reset(token)
         return await self._after(request, info, hit, conditional is not None, response)
+
+    async def _follow(
+        self, request: Req, info: RequestInfo, response: Resp, inner: AsyncHandler[Req, Resp]
+    ) -> Resp:
+        """Follow a blob's redirect (to a CDN or an object store) here, so that the bytes
+        are recorded and verified under the digest the caller asked for, and the signed
+        URL is never stored. Anything that is not a verifiable blob is left to the caller.
+        Credentials are not sent to another origin."""
+        face = self._face
+        if self.cache.key(info).digest is None:
+            return response
+        for _ in range(_MAX_REDIRECTS):
+            location = face.response_header(response, "location")
+            if face.status(response) not in _REDIRECTS or not location:
+                break
+            await face.close(response)
+            request = face.redirect(request, urljoin(face.request_info(request).url, location))
+            response = await inner(request)
+        return response
 
     def _serve_without_asking(self, hit: Hit, info: RequestInfo) -> bool:
         """Fresh and a plain GET/HEAD: a caller's own conditionals or Range go upstream

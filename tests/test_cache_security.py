@@ -1,0 +1,324 @@
+"""No leak, no poison, no bypass (issue 13): the cache against hostile and careless input.
+
+One regression test per finding of the hostile review, and property tests over what makes
+a key: credential headers, digests, redirects. docs/security.md says what each face
+promises and points here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+import requests
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from scripted import Answer, scripted_server
+from seawall.asgi.cache import FallbackCacheMiddleware
+from seawall.cache import DiskStore, FallbackCache, MemoryStore
+from seawall.cache.keys import RequestInfo, credential_scope, request_key
+from seawall.client.httpx import ResilientTransport
+from seawall.client.requests import ResilientAdapter
+from seawall.clock import ManualClock
+from seawall.policy.cache import CachePolicy
+
+MANIFEST = "https://registry.test/v2/team/private/manifests/1.0"
+CREDENTIAL_HEADERS = [
+    "Authorization",
+    "Proxy-Authorization",
+    "Cookie",
+    "X-JFrog-Art-Api",
+    "PRIVATE-TOKEN",
+    "JOB-TOKEN",
+    "DEPLOY-TOKEN",
+    "X-Api-Key",
+    "X-Registry-Auth",  # not in seawall's list: caught because it looks like a credential
+]
+
+
+class Streamed(httpx.AsyncByteStream):
+    """A body that arrives as a network body does (httpx reads a prebuilt one at once)."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    async def __aiter__(self):  # type: ignore[no-untyped-def]
+        yield self.body
+
+
+def _counting(
+    body: bytes = b'{"private": true}',
+) -> tuple[httpx.MockTransport, list[httpx.Request]]:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        headers = {"content-type": "application/json"}
+        return httpx.Response(200, stream=Streamed(body), headers=headers)
+
+    return httpx.MockTransport(handler), seen
+
+
+@pytest.mark.parametrize("header", CREDENTIAL_HEADERS)
+async def test_a_copy_fetched_with_a_credential_is_never_given_to_another(
+    header: str, clock: ManualClock
+) -> None:
+    transport, seen = _counting()
+    cache = FallbackCache(clock=clock)
+    async with httpx.AsyncClient(
+        transport=ResilientTransport(transport, clock=clock, cache=cache)
+    ) as client:
+        await client.get(MANIFEST, headers={header: "secret-of-alice"})
+        await client.get(MANIFEST, headers={header: "secret-of-alice"})  # fresh: from cache
+        assert len(seen) == 1
+        await client.get(MANIFEST, headers={header: "secret-of-mallory"})
+        await client.get(MANIFEST)  # no credential at all
+    assert len(seen) == 3  # both went upstream: the upstream decides who may read it
+
+
+@pytest.mark.parametrize("header", CREDENTIAL_HEADERS)
+async def test_the_server_face_never_serves_a_private_copy_to_an_anonymous_caller(
+    header: str, clock: ManualClock
+) -> None:
+    failing = False
+
+    async def app(scope, receive, send):  # type: ignore[no-untyped-def]
+        status = 503 if failing else 200
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b"private manifest"})
+
+    cache = FallbackCache(clock=clock)
+    mw = FallbackCacheMiddleware(app, cache)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=mw), base_url="http://registry.test"
+    ) as client:
+        ok = await client.get("/v2/team/private/manifests/1.0", headers={header: "alice"})
+        assert ok.status_code == 200
+        failing = True
+        anon = await client.get("/v2/team/private/manifests/1.0")
+        same = await client.get("/v2/team/private/manifests/1.0", headers={header: "alice"})
+    assert anon.status_code == 503  # nothing served across scopes
+    assert same.status_code == 200 and same.headers["x-seawall-cache"] in ("hit", "stale")
+
+
+def test_credential_headers_can_be_added_by_policy() -> None:
+    info_a = RequestInfo("GET", MANIFEST, [("x-tenant", "a")])
+    info_b = RequestInfo("GET", MANIFEST, [("x-tenant", "b")])
+    assert request_key(info_a).base == request_key(info_b).base  # not a credential by name
+    extra = ("x-tenant",)
+    assert (
+        request_key(info_a, credential_headers=extra).base
+        != request_key(info_b, credential_headers=extra).base
+    )
+    assert CachePolicy(credential_headers=["X-Tenant"]).credential_headers == ("x-tenant",)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    name=st.sampled_from([h.lower() for h in CREDENTIAL_HEADERS] + ["x-auth-token", "x-session"]),
+    a=st.text(st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=40),
+    b=st.text(st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=40),
+    noise=st.lists(
+        st.tuples(st.sampled_from(["accept", "user-agent", "x-request-id"]), st.text(max_size=10)),
+        max_size=3,
+    ),
+)
+def test_scopes_separate_every_credential_and_never_contain_it(
+    name: str, a: str, b: str, noise: list[tuple[str, str]]
+) -> None:
+    scope_a = credential_scope(
+        RequestInfo("GET", MANIFEST, [*noise, (name, a)]), public=False, namespace="n"
+    )
+    scope_b = credential_scope(
+        RequestInfo("GET", MANIFEST, [(name, b), *noise]), public=False, namespace="n"
+    )
+    anon = credential_scope(RequestInfo("GET", MANIFEST, noise), public=False, namespace="n")
+    assert anon == "anon" and scope_a != anon
+    assert (scope_a == scope_b) == (a == b)
+    assert len(a) < 8 or a not in scope_a  # only a salted hash
+
+
+async def test_coalescing_never_hands_one_credentials_answer_to_another(
+    clock: ManualClock,
+) -> None:
+    blob = "https://registry.test/v2/team/private/blobs/sha256:" + "0" * 64
+    release = asyncio.Event()
+    seen: list[str | None] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("authorization"))
+        await release.wait()
+        if request.headers.get("authorization") != "Bearer alice":
+            return httpx.Response(401)
+        return httpx.Response(200, stream=Streamed(b"private layer"))
+
+    transport = ResilientTransport(httpx.MockTransport(handler), clock=clock)
+    async with httpx.AsyncClient(transport=transport) as client:
+        alice = asyncio.create_task(client.get(blob, headers={"authorization": "Bearer alice"}))
+        bob = asyncio.create_task(client.get(blob, headers={"authorization": "Bearer bob"}))
+        nobody = asyncio.create_task(client.get(blob))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        release.set()
+        answers = await asyncio.gather(alice, bob, nobody)
+    assert [r.status_code for r in answers] == [200, 401, 401]
+    assert sorted(map(str, seen)) == ["Bearer alice", "Bearer bob", "None"]
+
+
+# --------------------------------------------------------------------------- digests
+
+
+def _blob_url(algorithm: str, value: str) -> str:
+    return f"https://registry.test/v2/lib/app/blobs/{algorithm}:{value}"
+
+
+async def _record_and_read(
+    cache: FallbackCache, url: str, body: bytes
+) -> tuple[bool, bytes | None]:
+    rec = await cache.recorder(RequestInfo("GET", url), 200, [])
+    stored = False
+    if rec is not None:
+        await rec.feed(body)
+        stored = await rec.finish()
+    hit = await cache.lookup(RequestInfo("GET", url))
+    served = None if hit is None else b"".join([c async for c in cache.body(hit)])
+    return stored, served
+
+
+async def test_sha512_blobs_are_verified_with_sha512(clock: ManualClock) -> None:
+    body = b"layer bytes" * 100
+    right = hashlib.sha512(body).hexdigest()
+    cache = FallbackCache(clock=clock)
+    assert await _record_and_read(cache, _blob_url("sha512", right), body) == (True, body)
+    wrong = hashlib.sha512(b"other").hexdigest()
+    assert await _record_and_read(cache, _blob_url("sha512", wrong), body) == (False, None)
+    assert cache.stats.rejected == 1
+
+
+@pytest.mark.parametrize(
+    "digest",
+    [
+        "sha256:" + "g" * 64,  # not hex
+        "sha256:" + "a" * 63,  # too short
+        "sha256:" + "A" * 64,  # OCI digests are lower-case hex
+        "sha512:" + "a" * 64,  # the wrong length for sha512
+        "md5:" + "a" * 32,  # an algorithm the cache cannot verify
+        "sha384:" + "a" * 96,
+    ],
+)
+async def test_a_digest_the_cache_cannot_verify_is_never_cached(
+    digest: str, clock: ManualClock
+) -> None:
+    cache = FallbackCache(clock=clock)
+    url = f"https://registry.test/v2/lib/app/blobs/{digest}"
+    assert await _record_and_read(cache, url, b"whatever bytes") == (False, None)
+    assert cache.store.keys() == []
+
+
+# --------------------------------------------------------------------------- redirects
+
+
+def test_a_redirected_blob_is_kept_under_its_digest_and_no_signed_url_reaches_disk(
+    tmp_path: Path,
+) -> None:
+    """Registries answer a blob GET with 307 to a CDN or object store. The cache follows
+    it, verifies the bytes against the digest the client asked for, stores them under that
+    digest, and writes neither the signed URL nor any credential to disk."""
+    layer = bytes(range(256)) * 512
+    digest = "sha256:" + hashlib.sha256(layer).hexdigest()
+    clock = ManualClock()
+    cache = FallbackCache(DiskStore(tmp_path / "cache"), clock=clock)
+    with scripted_server() as server, requests.Session() as session:
+        signed = "/cdn/object?X-Amz-Signature=s3cr3tsig&X-Amz-Credential=AKIAEXAMPLE&token=tok"
+        server.play(
+            Answer(307, {"location": server.url + signed}, b""),
+            Answer(200, {"content-length": str(len(layer))}, layer),
+        )
+        session.mount("http://", ResilientAdapter(cache=cache, clock=clock))
+        url = f"{server.url}/v2/lib/app/blobs/{digest}"
+        first = session.get(url, headers={"authorization": "Bearer registry-token"})
+        assert first.content == layer and first.status_code == 200
+        cdn_request = server.seen[1]
+        assert cdn_request.path == signed
+        assert "authorization" in cdn_request.headers  # same origin here: credential kept
+
+        server.play(Answer(503))
+        again = session.get(url, headers={"authorization": "Bearer registry-token"})
+        assert again.content == layer and again.headers["x-seawall-cache"] == "verified"
+    on_disk = b"".join(
+        p.read_bytes() for p in (tmp_path / "cache").rglob("*") if p.is_file()
+    )
+    for secret in (b"s3cr3tsig", b"AKIAEXAMPLE", b"registry-token", b"tok&", b"=tok"):
+        assert secret not in on_disk
+
+
+async def test_a_redirect_to_another_origin_carries_no_credential(clock: ManualClock) -> None:
+    layer = b"cdn bytes"
+    digest = "sha256:" + hashlib.sha256(layer).hexdigest()
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.url.host == "registry.test":
+            return httpx.Response(307, headers={"location": "https://cdn.test/o?sig=1"})
+        return httpx.Response(200, stream=Streamed(layer))
+
+    cache = FallbackCache(clock=clock)
+    transport = ResilientTransport(httpx.MockTransport(handler), clock=clock, cache=cache)
+    async with httpx.AsyncClient(transport=transport) as client:
+        got = await client.get(
+            f"https://registry.test/v2/x/blobs/{digest}",
+            headers={"authorization": "Bearer t", "x-jfrog-art-api": "k", "accept": "*/*"},
+        )
+    assert got.content == layer
+    cdn = seen[1]
+    assert cdn.url.host == "cdn.test"
+    assert "authorization" not in cdn.headers and "x-jfrog-art-api" not in cdn.headers
+    assert cdn.headers["accept"] == "*/*"
+
+
+# --------------------------------------------------------------------------- stores
+
+
+def test_a_disk_entry_copied_under_another_keys_name_is_not_served(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        cache = FallbackCache(DiskStore(tmp_path), policy=CachePolicy(max_stale=3600))
+        for name, body in (("a", b"answer for a"), ("b", b"answer for b")):
+            rec = await cache.recorder(RequestInfo("GET", f"https://r/simple/{name}/"), 200, [])
+            assert rec is not None
+            await rec.feed(body)
+            assert await rec.finish()
+        files = sorted((tmp_path / "seawall").rglob("*.entry"), key=os.path.getmtime)
+        assert len(files) == 2
+        shutil.copy(files[0], files[1])  # a's entry now sits under b's name
+        fresh = FallbackCache(DiskStore(tmp_path), policy=CachePolicy(max_stale=3600))
+        assert await fresh.lookup(RequestInfo("GET", "https://r/simple/b/")) is None
+        assert fresh.store.stats.corrupt == 1
+
+    asyncio.run(scenario())
+
+
+async def test_set_cookie_is_stripped_and_never_replayed(clock: ManualClock) -> None:
+    """Stored with the cookie stripped (not refused, as Varnish would): registries behind
+    load balancers set affinity cookies on every answer, and refusing those would leave
+    nothing cached; the credential scope keeps tenants apart, the cookie is never kept."""
+    cache = FallbackCache(MemoryStore(), clock=clock)
+    url = "https://registry.test/v2/lib/app/manifests/1.0"
+    rec = await cache.recorder(
+        RequestInfo("GET", url),
+        200,
+        [("set-cookie", "AWSALB=abc; session=s3cr3t"), ("content-type", "application/json")],
+    )
+    assert rec is not None
+    await rec.feed(b"{}")
+    assert await rec.finish()
+    hit = await cache.lookup(RequestInfo("GET", url))
+    assert hit is not None
+    served = dict(cache.served(hit))
+    assert "set-cookie" not in served and served["content-type"] == "application/json"
