@@ -448,3 +448,29 @@ def _check_expectations(s: Situation, t: Trace) -> None:
         and len(t.seen) == 1,
     }
     assert expected[s.name](), f"{s.name}: {outcomes} {t.seen} {names} {t.slept}"
+
+
+def test_every_http_face_sends_the_build_step(server: Scripted) -> None:
+    """Issue 11: inside ``build_step()`` every HTTP face marks its requests with one
+    ``x-seawall-step`` (the server face finishes started steps first); outside, none."""
+    from seawall import build_step
+
+    server.play(Answer(200))
+    with httpx.Client(transport=ResilientSyncTransport()) as client:
+        client.get(server.url + "/outside")
+        with build_step("pipeline-7/step-2"):
+            client.get(server.url + "/a")
+    with requests.Session() as session:
+        session.mount("http://", ResilientAdapter())
+        with build_step() as step:
+            session.get(server.url + "/b")
+
+    async def run() -> None:
+        async with httpx.AsyncClient(transport=ResilientTransport()) as c, build_step("s3"):
+            await c.get(server.url + "/c", headers={"x-seawall-step": "own"})  # kept
+            await asyncio.gather(c.get(server.url + "/d"))  # a task inherits the step
+
+    asyncio.run(run())
+    steps = {x.path: x.headers.get("x-seawall-step") for x in server.seen}
+    expected = {"/outside": None, "/a": "pipeline-7/step-2", "/b": step, "/c": "own", "/d": "s3"}
+    assert steps == expected

@@ -36,6 +36,7 @@ from seawall.client.core import (
     BulkheadTimeout,
     RateLimitWaitTooLong,
     RequestCoalesced,
+    build_step,
 )
 from seawall.client.httpx import (
     CircuitOpenTransportError,
@@ -137,6 +138,7 @@ __all__ = [
     "SyncResilient",
     "SystemClock",
     "__version__",
+    "build_step",
     "load_policies",
     "parse_retry_after",
     "resilient",

@@ -88,6 +88,9 @@ class CallFaceBase:
     def header(self, request: Invocation, name: str) -> str | None:
         return None
 
+    def mark(self, request: Invocation, name: str, value: str) -> None:
+        pass  # a call has no headers
+
     def replayable(self, request: Invocation) -> bool:
         return True  # the arguments can be passed again
 

@@ -63,6 +63,9 @@ class HttpxFaceBase:
         value: str | None = request.headers.get(name)
         return value
 
+    def mark(self, request: httpx.Request, name: str, value: str) -> None:
+        request.headers[name] = value
+
     def replayable(self, request: httpx.Request) -> bool:
         return isinstance(request.stream, httpx.ByteStream)
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import re
 import threading
+import uuid
 from collections.abc import Callable
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from typing import ClassVar, Generic, Protocol, TypeVar
 
@@ -39,6 +40,7 @@ from seawall.protocol import REFUSED_HEADER
 from seawall.retry import FINAL, Retries, RetryBudget, Verdict, parse_retry_after
 
 __all__ = [
+    "BUILD_STEP",
     "CALL_TIME_LIMIT",
     "AttemptStarted",
     "BulkheadTimeout",
@@ -49,6 +51,7 @@ __all__ = [
     "HostPacer",
     "RateLimitWaitTooLong",
     "RequestCoalesced",
+    "build_step",
     "http_may_repeat",
     "is_immutable_url",
 ]
@@ -68,6 +71,45 @@ def is_immutable_url(url: str | bytes) -> bool:
     if isinstance(url, bytes):
         return b"sha" in url and _DIGEST_BYTES.search(url) is not None
     return "sha" in url and _DIGEST.search(url) is not None
+
+
+BUILD_STEP: ContextVar[str | None] = ContextVar("seawall_build_step", default=None)
+"""The unit of work (a build step) the current requests belong to; see :func:`build_step`."""
+
+
+class build_step:
+    """Mark every request made inside the block as one build step (``x-seawall-step``).
+
+    A seawall server finishes steps it has started before it admits new ones under a
+    surge; this tells it which requests belong together (a manifest, then its layers)::
+
+        with build_step():                # or build_step("pipeline-42/step-3")
+            pull_image(client, "app:1.2")
+
+    ``async with`` works too. It is a context variable, so tasks started inside inherit
+    it; a thread started inside does not.
+    """
+
+    __slots__ = ("_token", "step")
+
+    def __init__(self, step: str | None = None) -> None:
+        self.step = step or uuid.uuid4().hex
+        self._token: Token[str | None] | None = None
+
+    def __enter__(self) -> str:
+        self._token = BUILD_STEP.set(self.step)
+        return self.step
+
+    def __exit__(self, *exc: object) -> None:
+        if self._token is not None:
+            BUILD_STEP.reset(self._token)
+            self._token = None
+
+    async def __aenter__(self) -> str:
+        return self.__enter__()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.__exit__()
 
 
 CALL_TIME_LIMIT: ContextVar[float | None] = ContextVar("seawall_call_time_limit", default=None)
@@ -281,6 +323,10 @@ class Face(Protocol[Req_contra, Resp_contra]):
 
     def header(self, request: Req_contra, name: str) -> str | None:
         """A request header (lower-case ``name``), or None."""
+        ...
+
+    def mark(self, request: Req_contra, name: str, value: str) -> None:
+        """Set a request header in place (seawall's own, such as ``x-seawall-step``)."""
         ...
 
     def replayable(self, request: Req_contra) -> bool:

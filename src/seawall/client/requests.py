@@ -179,6 +179,9 @@ class _RequestsFace:
         value = request.request.headers.get(name)
         return value if isinstance(value, str) else None
 
+    def mark(self, request: _Outgoing, name: str, value: str) -> None:
+        request.request.headers[name] = value
+
     def replayable(self, request: _Outgoing) -> bool:
         body = request.request.body
         return body is None or isinstance(body, bytes | str | bytearray)

@@ -25,6 +25,7 @@ from seawall.cache.fallback import FallbackCache, Hit
 from seawall.cache.freshness import State
 from seawall.cache.keys import RequestInfo, credential_scope
 from seawall.client.core import (
+    BUILD_STEP,
     CALL_TIME_LIMIT,
     Call,
     ClientCore,
@@ -33,6 +34,7 @@ from seawall.client.core import (
     is_immutable_url,
 )
 from seawall.concurrency import AsyncEvent, AsyncLock, AsyncSemaphore, AsyncTasks
+from seawall.protocol import STEP_HEADER
 
 __all__ = [
     "AsyncBody",
@@ -605,6 +607,9 @@ class AsyncPipeline(Generic[Req, Resp]):
         self._coalescer = AsyncCoalescer(core, face) if core.policy.coalesce else None
 
     async def handle(self, request: Req) -> Resp:
+        step = BUILD_STEP.get()
+        if step is not None and self.face.header(request, STEP_HEADER) is None:
+            self.face.mark(request, STEP_HEADER, step)
         layer = self.cache_layer
         if layer is not None:
             return await layer.handle(request, self._shared)

@@ -26,6 +26,7 @@ from seawall.cache.fallback import FallbackCache, Hit
 from seawall.cache.freshness import State
 from seawall.cache.keys import RequestInfo, credential_scope
 from seawall.client.core import (
+    BUILD_STEP,
     CALL_TIME_LIMIT,
     Call,
     ClientCore,
@@ -34,6 +35,7 @@ from seawall.client.core import (
     is_immutable_url,
 )
 from seawall.concurrency import SyncEvent, SyncLock, SyncSemaphore, SyncTasks
+from seawall.protocol import STEP_HEADER
 
 __all__ = [
     "SyncBody",
@@ -606,6 +608,9 @@ class SyncPipeline(Generic[Req, Resp]):
         self._coalescer = SyncCoalescer(core, face) if core.policy.coalesce else None
 
     def handle(self, request: Req) -> Resp:
+        step = BUILD_STEP.get()
+        if step is not None and self.face.header(request, STEP_HEADER) is None:
+            self.face.mark(request, STEP_HEADER, step)
         layer = self.cache_layer
         if layer is not None:
             return layer.handle(request, self._shared)
