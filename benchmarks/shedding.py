@@ -210,13 +210,13 @@ def http_scope(path: str, service: float, client: int) -> dict[str, Any]:
     }
 
 
-async def call(app: Any, scope: dict[str, Any], timeout: float) -> tuple[int, float | None]:
-    """One request with a client that gives up after ``timeout``: (status, done at)."""
+async def call(app: Any, scope: dict[str, Any], give_up: float) -> tuple[int, float | None]:
+    """One request with a client that gives up after ``give_up`` s: (status, done at)."""
     loop = asyncio.get_running_loop()
     status = 0
     done_at: float | None = None
     disconnect: asyncio.Future[None] = loop.create_future()
-    timer = loop.call_later(timeout, _resolve, disconnect)
+    timer = loop.call_later(give_up, _resolve, disconnect)
     body_sent = False
 
     async def receive() -> Message:

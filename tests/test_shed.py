@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import math
 import random
 
@@ -25,8 +24,8 @@ from seawall.policy.shed import RequestClass, ShedPolicy
 from seawall.shed import (
     ConcurrencyLimitChanged,
     ConcurrencyLimiter,
-    GradientController,
     ConcurrencySlot,
+    GradientController,
     Rejection,
     RequestShed,
     Waiter,

@@ -479,9 +479,7 @@ class ConcurrencyLimiter:
         if self._queued:
             self._note_sojourn(now - self._oldest(now), now)
         if self._queued >= self.capacity(now):
-            victim = self._lowest_below(
-                priority, same=self._overloaded or self._is_standing(now)
-            )
+            victim = self._lowest_below(priority, same=self._overloaded or self._is_standing(now))
             if victim is None:
                 self._pressure(now)
                 return self._reject("queue_full", priority, now)

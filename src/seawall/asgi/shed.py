@@ -26,7 +26,7 @@ import asyncio
 import hashlib
 import re
 from collections import deque
-from collections.abc import Awaitable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -374,7 +374,7 @@ class _Run:
             nonlocal complete
             if complete or self.timed_out:
                 return await receive()
-            message = await _within(receive(), clock.sleep(timeout))
+            message = await _within(receive(), lambda: clock.sleep(timeout))
             if message is None:
                 return await self._stalled(timeout)
             if message["type"] != "http.request":
@@ -418,10 +418,22 @@ class _Run:
         self._close_stream()
 
 
-async def _within(receiving: Awaitable[Message], timer: Awaitable[None]) -> Message | None:
-    """The message, or None when ``timer`` ends first (a stalled body)."""
+async def _within(
+    receiving: Awaitable[Message], timer: Callable[[], Awaitable[None]]
+) -> Message | None:
+    """The message, or None when ``timer`` ends first (a stalled body).
+
+    A message that is already there (the usual case) costs one loop turn and no timer.
+    """
     got = asyncio.ensure_future(receiving)
-    clock = asyncio.ensure_future(timer)
+    try:
+        await asyncio.sleep(0)
+    except BaseException:
+        got.cancel()
+        raise
+    if got.done():
+        return got.result()
+    clock = asyncio.ensure_future(timer())
     try:
         await asyncio.wait((got, clock), return_when=asyncio.FIRST_COMPLETED)
     except BaseException:
