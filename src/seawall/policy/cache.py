@@ -8,6 +8,7 @@ window: a build that pulled yesterday should still pull when the registry is dow
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from seawall.errors import PolicyError
@@ -47,6 +48,10 @@ class CachePolicy(PolicyBase):
       extractor that a plug-in registers later (and the policy layer imports no mechanism).
     - ``serve_fresh``: the client serves fresh entries without asking the upstream.
     - ``namespace``: prefix of every store key (several caches can share one store).
+    - ``store_paths``: server face only: regular expressions (searched in the path) of
+      other responses to store although they are not artifacts and their Cache-Control
+      does not say ``public``/``max-age``/``s-maxage``. Empty by default: a dynamic page
+      is opt-in, since a copy of it may be wrong for the next caller.
     """
 
     max_bytes: int = 256 * _MIB
@@ -61,6 +66,7 @@ class CachePolicy(PolicyBase):
     extractors: tuple[str, ...] = DEFAULT_EXTRACTORS
     serve_fresh: bool = True
     namespace: str = "seawall"
+    store_paths: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_int_at_least("max_bytes", self.max_bytes, 1)
@@ -93,3 +99,11 @@ class CachePolicy(PolicyBase):
                 raise PolicyError("extractors", name, "is not an extractor name")
         if not isinstance(self.namespace, str) or not self.namespace or "\n" in self.namespace:
             raise PolicyError("namespace", self.namespace, "must be a non-empty one-line string")
+        if isinstance(self.store_paths, str) or not isinstance(self.store_paths, tuple | list):
+            raise PolicyError("store_paths", self.store_paths, "must be a list of regexes")
+        object.__setattr__(self, "store_paths", tuple(self.store_paths))
+        for pattern in self.store_paths:
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError):
+                raise PolicyError("store_paths", pattern, "is not a regular expression") from None
