@@ -224,7 +224,7 @@ async def call(app: Any, scope: dict[str, Any], give_up: float) -> tuple[int, fl
         if not body_sent:
             body_sent = True
             return {"type": "http.request", "body": b"", "more_body": False}
-        await disconnect
+        await asyncio.shield(disconnect)  # a cancelled watch must not cancel the client
         return {"type": "http.disconnect"}
 
     async def send(message: Message) -> None:

@@ -8,6 +8,12 @@ that one message is inspected before deciding whether to pass the app's response
 to swallow it and send the stored copy instead. It never answers from the cache while
 the app is healthy: the app stays the authority on who may read what.
 
+While the shedder inside is refusing (for the ``Retry-After`` its last refusal announced),
+a GET/HEAD for a digest-addressed blob with a verified copy is answered from the store
+*before* the app: the bytes are named by their digest, so the copy is exactly what the
+app would send, and each such answer leaves a slot of an overloaded server to work that
+no copy can do. A healthy app is always asked first.
+
 It answers for *failures*, not for deliberate refusals: a 429 (the rate limiter's, or
 the app's own) and anything marked ``x-seawall-refused: rate-limit`` pass through, since
 replacing them with a stored 200 would undo the limit. Per-client fields
@@ -19,6 +25,8 @@ are stored; anything else is opt-in (``CachePolicy.store_paths``).
 
 from __future__ import annotations
 
+import contextlib
+import math
 import re
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -79,12 +87,25 @@ class FallbackCacheMiddleware:
         self.app = app
         self.cache = cache or FallbackCache(policy=policy, clock=clock, events=events)
         self._store_paths = tuple(re.compile(p) for p in self.cache.policy.store_paths)
+        self._shedding_until = -math.inf  # monotonic: the inner shedder asked to come back
+
+    def _note_refusal(self, message: Message) -> None:
+        """A shed answer passed by: copies by digest go first for its Retry-After."""
+        seconds = 1.0
+        for k, v in message.get("headers", ()):
+            if k.lower() == b"retry-after":
+                with contextlib.suppress(ValueError):  # an HTTP date: keep one second
+                    seconds = max(1.0, min(float(v), 60.0))
+        self._shedding_until = max(self._shedding_until, self.cache.clock.now() + seconds)
 
     def _falls_back(self, message: Message) -> bool:
         status = int(message["status"])
         refused = next((v for k, v in message.get("headers", ()) if k.lower() == _REFUSED), None)
         if refused is not None:
-            return bool(refused == b"shed")  # overload: answer; a rate limit: never undo it
+            if refused == b"shed":
+                self._note_refusal(message)
+                return True  # overload: answer
+            return False  # a rate limit: never undo it
         if status == 429:
             return False  # a deliberate refusal of this client, whoever sent it
         return status in self.cache.policy.fallback_statuses
@@ -126,6 +147,11 @@ class FallbackCacheMiddleware:
         request = request_info(scope)
         head = scope["method"] == "HEAD"
         ex = _Exchange()
+        if cache.clock.now() < self._shedding_until and cache.key(request).digest is not None:
+            hit = await cache.lookup(request)  # verified against its digest before serving
+            if hit is not None and hit.immutable:
+                await self._serve(send, hit, head, "overloaded")
+                return
 
         async def send_wrapper(message: Message) -> None:
             kind = message["type"]
