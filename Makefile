@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/client_overhead.py
 	$(BIN)/python benchmarks/shedding.py --out bench-out
+	$(BIN)/python benchmarks/build_steps.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist bench-out replay-report
