@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/client_overhead.py
 	$(BIN)/python benchmarks/shedding.py --out bench-out
 	$(BIN)/python benchmarks/telemetry_overhead.py
+	$(BIN)/python benchmarks/build_steps.py
 
 # The sync client and cache code is generated from its async source (docs/design.md).
 unasync: $(STAMP)

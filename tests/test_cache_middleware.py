@@ -15,6 +15,7 @@ from starlette.types import Message, Receive, Scope, Send
 from seawall.asgi.cache import FallbackCacheMiddleware
 from seawall.cache import FallbackCache, MemoryStore
 from seawall.clock import ManualClock
+from seawall.errors import PolicyError
 from seawall.policy.cache import CachePolicy
 
 BLOB = b"layer-bytes-" * 5000
@@ -58,7 +59,13 @@ class Upstream:
         if self.mode == "raise":
             raise RuntimeError("registry backend exploded")
         if self.mode == "fail":
-            await send({"type": "http.response.start", "status": self.status, "headers": []})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": self.status,
+                    "headers": list(self.extra_headers),
+                }
+            )
             await send({"type": "http.response.body", "body": b"upstream error"})
             return
         if self.mode == "shed":
@@ -355,3 +362,113 @@ async def test_with_a_real_starlette_streaming_app(clock: ManualClock) -> None:
         other = await client.get(f"/v2/lib/other/blobs/sha256:{'1' * 64}")
     assert r.status_code == 200 and r.content == BLOB and r.headers["x-seawall-cache"] == "verified"
     assert other.status_code == 500  # nothing stored for it: the app's failure stands
+
+
+# -- answers for failures, not for deliberate refusals (issue 11, point 5) ---------------
+
+
+async def test_a_429_from_the_limiter_or_the_app_is_never_replaced(clock: ManualClock) -> None:
+    upstream, _cache, client = make(clock)
+    async with client:
+        assert (await client.get(MANIFEST_URL)).status_code == 200
+        upstream.mode = "fail"
+        upstream.status = 429  # the app itself limits this client
+        by_app = await client.get(MANIFEST_URL)
+        upstream.status = 503
+        upstream.extra_headers = [(b"x-seawall-refused", b"rate-limit"), (b"retry-after", b"3")]
+        limiter_down = await client.get(MANIFEST_URL)  # the limiter's store is down
+        upstream.extra_headers = []
+        failed = await client.get(MANIFEST_URL)  # a real failure is still answered
+    assert by_app.status_code == 429 and "x-seawall-cache" not in by_app.headers
+    assert limiter_down.status_code == 503 and limiter_down.headers["retry-after"] == "3"
+    assert failed.status_code == 200 and failed.headers["x-seawall-cache"] == "hit"
+
+
+async def test_the_rate_limiters_429_passes_through_the_default_stack(clock: ManualClock) -> None:
+    """FallbackCacheMiddleware outermost over RateLimitMiddleware: the 429 stays a 429
+    and the stored copy's RateLimit fields never reach another request."""
+    from seawall.asgi.ratelimit import RateLimitMiddleware
+    from seawall.policy.ratelimit import RateLimitPolicy
+
+    upstream = Upstream()
+    limited = RateLimitMiddleware(upstream, RateLimitPolicy(limit="2/minute"), clock=clock)
+    app = FallbackCacheMiddleware(limited, clock=clock)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://registry") as client:
+        first = await client.get(MANIFEST_URL)
+        second = await client.get(MANIFEST_URL)
+        third = await client.get(MANIFEST_URL)
+        upstream.mode = "raise"
+        clock.advance(61)
+        answered = await client.get(MANIFEST_URL)  # allowed by the limiter; the app fails
+    assert first.status_code == second.status_code == 200
+    assert any(k.lower().startswith("ratelimit") for k in first.headers)
+    assert third.status_code == 429 and third.headers["x-seawall-refused"] == "rate-limit"
+    assert "x-seawall-cache" not in third.headers
+    assert answered.status_code == 200
+    assert answered.headers["x-seawall-cache"] in ("hit", "stale")
+    # the fields on the answer are the limiter's own for *this* request, never stored ones
+    stored = await app.cache.lookup(request_for(MANIFEST_URL))
+    assert stored is not None
+    assert not [k for k, _ in stored.headers if k.startswith("ratelimit")]
+
+
+def request_for(path: str) -> Any:
+    from seawall.cache.keys import RequestInfo
+
+    return RequestInfo("GET", f"http://registry{path}", [("host", "registry"), ("accept", "*/*")])
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "stored"),
+    [
+        ("/api/status", [(b"content-type", b"application/json")], False),  # dynamic JSON
+        ("/slow", [], False),
+        ("/api/report", [(b"cache-control", b"public, max-age=60")], True),  # it says so
+        ("/downloads/tool.bin", [(b"cache-control", b"max-age=3600")], True),
+        ("/express", [(b"content-type", b"application/vnd.npm.install-v1+json")], True),
+        ("/v2/team/app/manifests/v1", [], True),  # OCI, registries send no Cache-Control
+        ("/simple/requests/", [(b"content-type", b"text/html")], True),
+    ],
+)
+async def test_only_artifacts_or_responses_that_allow_it_are_stored(
+    clock: ManualClock, path: str, headers: list[tuple[bytes, bytes]], stored: bool
+) -> None:
+    upstream, cache, client = make(clock)
+    upstream.extra_headers = headers
+    async with client:
+        assert (await client.get(path)).status_code == 200
+        upstream.mode = "shed"
+        r = await client.get(path)
+    assert (r.status_code == 200) is stored
+    assert (len(await cache.store.keys()) > 0) is stored
+
+
+async def test_other_responses_are_stored_when_the_policy_opts_in(clock: ManualClock) -> None:
+    upstream, _cache, client = make(clock, CachePolicy(store_paths=(r"^/api/",)))
+    async with client:
+        await client.get("/api/status")
+        upstream.mode = "raise"
+        r = await client.get("/api/status")
+    assert r.status_code == 200 and r.headers["x-seawall-cache"] == "hit"
+    with pytest.raises(PolicyError, match="store_paths"):
+        CachePolicy(store_paths=("(",))
+
+
+async def test_per_client_fields_are_never_stored_nor_replayed(clock: ManualClock) -> None:
+    upstream, cache, client = make(clock)
+    upstream.extra_headers = [
+        (b"ratelimit", b'"default";r=1;t=30'),
+        (b"ratelimit-policy", b'"default";q=100;w=60'),
+        (b"x-ratelimit-remaining", b"1"),
+        (b"x-registry", b"1"),
+    ]
+    async with client:
+        await client.get(MANIFEST_URL)
+        upstream.mode = "fail"
+        r = await client.get(MANIFEST_URL)
+    assert r.status_code == 200 and r.headers["x-seawall-cache"] == "hit"
+    assert not [k for k in r.headers if "ratelimit" in k.lower()]
+    assert r.headers["x-registry"] == "1"
+    hit = await cache.lookup(request_for(MANIFEST_URL))
+    assert hit is not None and not [k for k, _ in hit.headers if "ratelimit" in k]

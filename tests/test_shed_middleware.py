@@ -125,11 +125,11 @@ async def test_shed_response_is_a_503_problem_with_retry_after(clock: ManualCloc
     assert shed.headers[REFUSED_HEADER] == "shed"
     doc = json.loads(shed.content)
     assert doc["status"] == 503 and doc["reason"] == "queue_full"
-    assert doc["priority"] == 30  # the blob class
+    assert doc["priority"] == 50  # the blob class: a fetch by digest continues a step
     assert head.status_code == 503 and head.content == b""
     assert inner.runs == ["/v2/a/blobs/sha256:1", "/v2/a/blobs/sha256:4"]
     events = [e for e in seen if isinstance(e, RequestShed)]
-    assert [(e.reason, e.priority) for e in events] == [("queue_full", 30)] * 2
+    assert [(e.reason, e.priority) for e in events] == [("queue_full", 50)] * 2
     assert all(e.retry_after >= 1 for e in events)
     assert app.limiter.in_flight == 0
 
@@ -299,7 +299,8 @@ async def test_latency_sample_is_time_to_first_byte(clock: ManualClock) -> None:
         clock.advance(2.0)  # a big blob streamed to a slow client
         await send({"type": "http.response.body", "body": b""})
 
-    app = LoadShedMiddleware(slow_body, ShedPolicy(window_samples=1), clock=clock)
+    policy = ShedPolicy(window_samples=1, initial_limit=1, min_limit=1)
+    app = LoadShedMiddleware(slow_body, policy, clock=clock)
     c = Client(body())
     await app(http_scope(), c.receive, c.send)
     controller = app.limiter.controller
@@ -343,25 +344,31 @@ async def test_works_with_fastapi_and_sheds_there_too(clock: ManualClock) -> Non
     assert shed.status_code == 503 and shed.headers["x-seawall-refused"] == "shed"
 
 
-async def test_manifest_displaces_a_queued_blob_and_uploads_go_first(clock: ManualClock) -> None:
+async def test_a_started_step_displaces_new_work_and_uploads_go_first(clock: ManualClock) -> None:
+    """A layer by digest (continuing a step) takes the place of a queued manifest by tag
+    (starting one); a large upload facing a full queue is refused at the door."""
     inner = GatedApp()
     policy = ONE.replace(max_queue_length=1, classes=ShedPolicy().classes)
     app = LoadShedMiddleware(inner, policy, clock=clock)
-    a, blob, manifest, upload = Client(body()), Client(body()), Client(body()), Client(body())
-    run_a = asyncio.ensure_future(app(http_scope("/v2/a/blobs/1"), a.receive, a.send))
+    a, manifest, blob, upload = Client(body()), Client(body()), Client(body()), Client(body())
+    run_a = asyncio.ensure_future(app(http_scope("/v2/a/blobs/sha256:1"), a.receive, a.send))
     await inner.started.wait()
-    run_blob = asyncio.ensure_future(app(http_scope("/v2/a/blobs/2"), blob.receive, blob.send))
-    await settle()
-    await app(http_scope("/v2/a/blobs/uploads/", "POST"), upload.receive, upload.send)
-    assert upload.status == 503  # the queue is full and nothing below an upload
     run_manifest = asyncio.ensure_future(
-        app(http_scope("/v2/a/manifests/v1"), manifest.receive, manifest.send)
+        app(http_scope("/v2/b/manifests/v1"), manifest.receive, manifest.send)
     )
-    await asyncio.wait_for(run_blob, 1)
-    assert blob.status == 503
-    doc = json.loads(blob.sent[1]["body"])
+    await settle()
+    up_scope = http_scope("/v2/a/blobs/uploads/", "POST")
+    up_scope["headers"] = [(b"transfer-encoding", b"chunked")]
+    await app(up_scope, upload.receive, upload.send)
+    assert upload.status == 503  # the queue is full and nothing below an upload
+    run_blob = asyncio.ensure_future(
+        app(http_scope("/v2/c/blobs/sha256:2"), blob.receive, blob.send)
+    )
+    await asyncio.wait_for(run_manifest, 1)
+    assert manifest.status == 503
+    doc = json.loads(manifest.sent[1]["body"])
     assert doc["reason"] == "displaced" and doc["priority"] == 30
     inner.gate.set()
-    await asyncio.wait_for(asyncio.gather(run_a, run_manifest), 1)
-    assert manifest.status == 200
-    assert inner.runs == ["/v2/a/blobs/1", "/v2/a/manifests/v1"]
+    await asyncio.wait_for(asyncio.gather(run_a, run_blob), 1)
+    assert blob.status == 200
+    assert inner.runs == ["/v2/a/blobs/sha256:1", "/v2/c/blobs/sha256:2"]

@@ -7,7 +7,7 @@ Every public name is listed in ``docs/api.md`` (a test keeps the two in agreemen
 
 from seawall.asgi.cache import FallbackCacheMiddleware
 from seawall.asgi.ratelimit import RateLimitMiddleware
-from seawall.asgi.shed import LoadShedMiddleware
+from seawall.asgi.shed import LoadShedMiddleware, RequestBodyStalled
 from seawall.breaker import (
     BreakerRegistry,
     BreakerRejected,
@@ -119,6 +119,7 @@ __all__ = [
     "RateLimited",
     "RateLimiter",
     "RedisLimitStorage",
+    "RequestBodyStalled",
     "RequestClass",
     "RequestCoalesced",
     "RequestShed",

@@ -1,20 +1,39 @@
 """Server face of the fallback cache: pure ASGI middleware.
 
-For GET/HEAD it tees successful responses into the cache as they stream (nothing is
-buffered), and answers from the cache when the app raises, returns a fallback status
-(5xx, 429) or is shed by seawall (503 with ``x-seawall-refused: shed``). It needs no buffering to
-do so: the status is in ``http.response.start`` itself, so only that one message is
-inspected before deciding whether to pass the app's response on or to swallow it and
-send the stored copy instead. It never answers from the cache while the app is healthy:
-the app stays the authority on who may read what.
+For GET/HEAD it tees successful artifact responses into the cache as they stream
+(nothing is buffered), and answers from the cache when the app raises, returns a
+fallback status (5xx) or is shed by seawall (503 with ``x-seawall-refused: shed``). It
+needs no buffering to do so: the status is in ``http.response.start`` itself, so only
+that one message is inspected before deciding whether to pass the app's response on or
+to swallow it and send the stored copy instead. It never answers from the cache while
+the app is healthy: the app stays the authority on who may read what.
+
+While the shedder inside is refusing (for the ``Retry-After`` its last refusal announced),
+a GET/HEAD for a digest-addressed blob with a verified copy is answered from the store
+*before* the app: the bytes are named by their digest, so the copy is exactly what the
+app would send, and each such answer leaves a slot of an overloaded server to work that
+no copy can do. A healthy app is always asked first.
+
+It answers for *failures*, not for deliberate refusals: a 429 (the rate limiter's, or
+the app's own) and anything marked ``x-seawall-refused: rate-limit`` pass through, since
+replacing them with a stored 200 would undo the limit. Per-client fields
+(``Set-Cookie``, ``RateLimit*``, ``Retry-After``) are never stored nor replayed. By
+default only artifact-shaped responses (OCI, PEP 503/691 pages and files, npm packuments
+and tarballs) or responses whose Cache-Control says ``public``/``max-age``/``s-maxage``
+are stored; anything else is opt-in (``CachePolicy.store_paths``).
 """
 
 from __future__ import annotations
+
+import contextlib
+import math
+import re
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from seawall.cache._async.io import AsyncCacheRecorder
 from seawall.cache.fallback import FallbackCache, Hit
+from seawall.cache.freshness import is_artifact, is_per_client_field, shared_cache_allowed
 from seawall.cache.keys import RequestInfo
 from seawall.clock import SYSTEM_CLOCK, Clock
 from seawall.events import EventBus
@@ -23,7 +42,7 @@ from seawall.protocol import REFUSED_HEADER
 
 __all__ = ["FallbackCacheMiddleware"]
 
-_SHED = (REFUSED_HEADER.encode("latin-1"), b"shed")
+_REFUSED = REFUSED_HEADER.encode("latin-1")
 
 
 def request_info(scope: Scope) -> RequestInfo:
@@ -68,22 +87,50 @@ class FallbackCacheMiddleware:
     ) -> None:
         self.app = app
         self.cache = cache or FallbackCache(policy=policy, clock=clock, events=events)
+        self._store_paths = tuple(re.compile(p) for p in self.cache.policy.store_paths)
+        self._shedding_until = -math.inf  # monotonic: the inner shedder asked to come back
+
+    def _note_refusal(self, message: Message) -> None:
+        """A shed answer passed by: copies by digest go first for its Retry-After."""
+        seconds = 1.0
+        for k, v in message.get("headers", ()):
+            if k.lower() == b"retry-after":
+                with contextlib.suppress(ValueError):  # an HTTP date: keep one second
+                    seconds = max(1.0, min(float(v), 60.0))
+        self._shedding_until = max(self._shedding_until, self.cache.clock.now() + seconds)
 
     def _falls_back(self, message: Message) -> bool:
         status = int(message["status"])
-        if status in self.cache.policy.fallback_statuses:
+        refused = next((v for k, v in message.get("headers", ()) if k.lower() == _REFUSED), None)
+        if refused is not None:
+            if refused == b"shed":
+                self._note_refusal(message)
+                return True  # overload: answer
+            return False  # a rate limit: never undo it
+        if status == 429:
+            return False  # a deliberate refusal of this client, whoever sent it
+        return status in self.cache.policy.fallback_statuses
+
+    def _storable(self, scope: Scope, request: RequestInfo, headers: list[tuple[str, str]]) -> bool:
+        """Artifact-shaped, allowed by its Cache-Control, or opted in by path."""
+        path: str = scope.get("path", "/")
+        if is_artifact(path, request.header("accept"), headers):
             return True
-        return status == 503 and any(
-            (k.lower(), v) == _SHED for k, v in message.get("headers", ())
-        )
+        if shared_cache_allowed(headers):
+            return True
+        return any(p.search(path) for p in self._store_paths)
 
     async def _serve(self, send: Send, hit: Hit, head: bool, reason: str) -> None:
-        headers = self.cache.served(hit, reason=reason)
+        headers = [(k, v) for k, v in self.cache.served(hit, reason=reason)]
         await send(
             {
                 "type": "http.response.start",
                 "status": hit.status,
-                "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers],
+                "headers": [
+                    (k.encode("latin-1"), v.encode("latin-1"))
+                    for k, v in headers
+                    if not is_per_client_field(k)  # stored by an older version, or elsewhere
+                ],
             }
         )
         if head:
@@ -101,6 +148,11 @@ class FallbackCacheMiddleware:
         request = request_info(scope)
         head = scope["method"] == "HEAD"
         ex = _Exchange()
+        if cache.clock.now() < self._shedding_until and cache.key(request).digest is not None:
+            hit = await cache.lookup(request)  # verified against its digest before serving
+            if hit is not None and hit.immutable:
+                await self._serve(send, hit, head, "overloaded")
+                return
 
         async def send_wrapper(message: Message) -> None:
             kind = message["type"]
@@ -118,7 +170,9 @@ class FallbackCacheMiddleware:
                         (k.decode("latin-1").lower(), v.decode("latin-1"))
                         for k, v in message.get("headers", ())
                     ]
-                    ex.recorder = await cache.recorder(request, int(message["status"]), headers)
+                    if self._storable(scope, request, headers):
+                        kept = [(k, v) for k, v in headers if not is_per_client_field(k)]
+                        ex.recorder = await cache.recorder(request, int(message["status"]), kept)
                 ex.started = True
                 await send(message)
                 return

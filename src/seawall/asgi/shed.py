@@ -2,38 +2,121 @@
 
 Why pure ASGI: a rejection must cost microseconds (no request object, no body read, no
 task) and a streamed blob must stay streamed. A shed request gets ``503`` with
-``Retry-After``, a problem+json body and ``X-Seawall-Shed: 1`` so that a fallback cache
-outside can tell "seawall refused" from "the app failed".
+``Retry-After``, a problem+json body and ``x-seawall-refused: shed`` so that a fallback
+cache outside, and a client, can tell "seawall refused before the app ran" from "the app
+failed".
 
-Latency sample: from the moment the app is started to its ``http.response.start``
-(time to first byte). The permit is held until the response is complete, but a 2 GB
-layer streamed to a slow runner says nothing about server overload, while the time to
-first byte grows as soon as the app queues internally.
+What the limit counts is *work*: a request holds its slot from the moment the app starts
+until its ``http.response.start`` (the latency sample is that time to first byte). A 2 GB
+layer streamed to a slow runner, or an upload whose client sends slowly, is I/O that says
+nothing about server overload and must not hold the places short requests need: while a
+body streams (out after the response started, or in while the app reads an upload) the
+request holds a *stream* instead, and streams have their own cap (``max_streams``). An
+upload's work after its body arrived takes a slot again without queueing (it was admitted
+at the door). A request body that stalls ``body_timeout`` seconds gets ``408``.
+
+Build steps: a GET/HEAD that continues a step already admitted (same ``x-seawall-step``,
+or without it the same client and repository recently) is ranked as a continuation, so
+under a surge new steps are refused at their first request and started ones finish.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import re
 from collections import deque
-from typing import Any
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from seawall.asgi._http import retry_after_seconds, send_problem
 from seawall.clock import SYSTEM_CLOCK, Clock
-from seawall.events import EventBus
-from seawall.policy.shed import ShedPolicy
-from seawall.protocol import REFUSED_HEADER
-from seawall.shed import ConcurrencyLimiter, Permit, Rejection, Waiter
+from seawall.events import DEFAULT_BUS, Event, EventBus
+from seawall.policy.shed import RequestClass, ShedPolicy
+from seawall.protocol import REFUSED_HEADER, STEP_HEADER
+from seawall.shed import ConcurrencyLimiter, ConcurrencySlot, Rejection, StepTracker, Waiter
 
-__all__ = ["LoadShedMiddleware"]
+__all__ = ["LoadShedMiddleware", "RequestBodyStalled"]
 
 _REFUSED = (REFUSED_HEADER.encode("latin-1"), b"shed")
-"""Response header set on every 503 produced by shedding (value ``1``)."""
+"""Response header set on every 503 produced by shedding."""
+_STEP = STEP_HEADER.encode("latin-1")
+_READS = frozenset({"GET", "HEAD"})
+_OCI_REPOSITORY = re.compile(r"^/v2/(.+?)/(?:manifests|blobs|tags)/")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RequestBodyStalled(Event):
+    """A request body sent nothing for ``seconds``: the app got a disconnect, the client 408."""
+
+    name: ClassVar[str] = "shed.body_stalled"
+    path: str
+    seconds: float
+
+
+@dataclass(slots=True)
+class _Request:
+    """What admission needs from the request line and headers (read once)."""
+
+    accept: str
+    body: int | None  # declared size: 0 without a body, None when streamed with no length
+    step: str | None
+    tenant: Hashable
+
+
+def _read(scope: Scope, method: str) -> _Request:
+    accept = ""
+    length: int | None = None
+    chunked = False
+    step: str | None = None
+    auth: bytes | None = None
+    for key, value in scope.get("headers") or ():
+        if key == b"accept":
+            accept = value.decode("latin-1")
+        elif key == b"content-length":
+            try:
+                length = max(0, int(value))
+            except ValueError:
+                length = None
+                chunked = True  # unreadable: treat as a body of unknown size
+        elif key == b"transfer-encoding":
+            chunked = True
+        elif key == _STEP:
+            step = value.decode("latin-1")[:200]
+        elif key == b"authorization":
+            auth = value
+    if length is not None and not chunked:
+        body: int | None = length
+    elif chunked:
+        body = None
+    elif scope.get("http_version", "1.1").startswith("2") and method not in _READS:
+        body = None  # HTTP/2 and 3 may send a body without any length
+    else:
+        body = 0
+    tenant: Hashable
+    if auth is not None:  # the credential names the tenant; keep only a digest of it
+        tenant = hashlib.blake2b(auth, digest_size=16).digest()
+    else:
+        client = scope.get("client")
+        tenant = client[0] if client else None
+    return _Request(accept, body, step, tenant)
+
+
+def _repository(path: str, cls: RequestClass | None) -> str | None:
+    """The repository a read belongs to: the OCI name, else the class (one index)."""
+    m = _OCI_REPOSITORY.match(path)
+    if m is not None:
+        return "oci:" + m.group(1)
+    if cls is not None:
+        return "class:" + cls.name
+    return None
 
 
 class LoadShedMiddleware:
-    """Admit at most the adaptive limit of HTTP requests; queue briefly; shed the rest."""
+    """Admit at most the adaptive limit of working requests; queue; shed under overload."""
 
     def __init__(
         self,
@@ -44,9 +127,11 @@ class LoadShedMiddleware:
         events: EventBus | None = None,
     ) -> None:
         self.app = app
-        self.policy = policy if policy is not None else ShedPolicy()
+        self.policy = policy = policy if policy is not None else ShedPolicy()
         self.clock = clock
-        self.limiter = ConcurrencyLimiter(self.policy, clock=clock, events=events)
+        self.events = events if events is not None else DEFAULT_BUS
+        self.limiter = ConcurrencyLimiter(policy, clock=clock, events=events)
+        self.steps = StepTracker(policy.step_idle, policy.step_memory)
         self._shed_responses: dict[tuple[int, str, int, bool], tuple[Message, ...]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -54,16 +139,36 @@ class LoadShedMiddleware:
             await self.app(scope, receive, send)
             return
         method: str = scope.get("method", "GET")
-        cls = self.policy.classify(method, scope.get("path", "/"))
+        path: str = scope.get("path", "/")
+        request = _read(scope, method)
+        policy = self.policy
+        cls = policy.classify(method, path, request.accept, request.body)
         if cls is None:
-            priority = self.policy.default_priority
+            priority = policy.default_priority
+            stream = False
         elif cls.never_shed:
             await self.app(scope, receive, send)
             return
         else:
             priority = cls.priority
-        first = self.limiter.try_acquire(priority)
-        outcome: Permit | Rejection | None
+            stream = cls.stream
+        step_key: Hashable | None = None
+        if method in _READS:
+            step = request.step
+            if step is not None:
+                step_key = (request.tenant, "step", step)
+            else:
+                repository = _repository(path, cls)
+                if repository is not None:
+                    step_key = (request.tenant, repository)
+            if (
+                step_key is not None
+                and priority < policy.continuation_priority
+                and self.steps.started(step_key, self.clock.now())
+            ):
+                priority = policy.continuation_priority
+        first = self.limiter.try_acquire(priority, stream=stream)
+        outcome: ConcurrencySlot | Rejection | None
         if isinstance(first, Waiter):
             outcome, receive = await self._wait(first, receive)
             if outcome is None:
@@ -73,23 +178,30 @@ class LoadShedMiddleware:
         if isinstance(outcome, Rejection):
             await self._reject(send, outcome, head_only=method == "HEAD")
             return
-        await self._run(outcome, scope, receive, send)
+        if step_key is not None:
+            self.steps.admitted(step_key, self.clock.now())
+        await self._run(outcome, scope, receive, send, has_body=request.body != 0)
 
-    async def _run(self, permit: Permit, scope: Scope, receive: Receive, send: Send) -> None:
-        clock = self.clock
-        started = clock.now()
-        latency: float | None = None
-
-        async def send_timed(message: Message) -> None:
-            nonlocal latency
-            if latency is None and message["type"] == "http.response.start":
-                latency = clock.now() - started
-            await send(message)
-
+    async def _run(
+        self,
+        slot: ConcurrencySlot,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        *,
+        has_body: bool,
+    ) -> None:
+        run = _Run(self, slot, send, scope.get("path", "/"))
+        app_receive = run.watch_body(receive) if has_body else receive
         try:
-            await self.app(scope, receive, send_timed)
+            await self.app(scope, app_receive, run.send)
+        except Exception:
+            if not run.timed_out:
+                raise
+            # the app saw the disconnect we gave it for a stalled body and failed on it;
+            # the client already has its 408, so there is nobody to tell
         finally:
-            self.limiter.release(permit, latency=latency)
+            run.finish()
 
     async def _reject(self, send: Send, rejection: Rejection, *, head_only: bool) -> None:
         seconds = retry_after_seconds(rejection.retry_after)
@@ -119,8 +231,8 @@ class LoadShedMiddleware:
 
     async def _wait(
         self, waiter: Waiter, receive: Receive
-    ) -> tuple[Permit | Rejection | None, Receive]:
-        """Wait for a permit while watching for ``http.disconnect``.
+    ) -> tuple[ConcurrencySlot | Rejection | None, Receive]:
+        """Wait for a slot while watching for ``http.disconnect``.
 
         Returns ``(None, receive)`` when the client left (its place is freed). A request
         message received while watching is kept and replayed to the app; once a message
@@ -141,7 +253,7 @@ class LoadShedMiddleware:
                 )
                 await asyncio.wait(
                     waitables,
-                    timeout=max(limiter.time_left(waiter), 0.001),
+                    timeout=limiter.wake_in(waiter),
                     return_when=asyncio.FIRST_COMPLETED,
                 )
                 if watch is not None and watch.done():
@@ -174,15 +286,165 @@ class LoadShedMiddleware:
                     except Exception:  # the server's receive failed; the app will see it
                         pass
         if cancelled_while_tidying:  # only reached when the wait itself ended normally
-            limiter.cancel(waiter)  # gives back the permit it was handed, exactly once
+            limiter.cancel(waiter)  # gives back the slot it was handed, exactly once
             raise asyncio.CancelledError
         result = fut.result()
-        if kept and isinstance(result, Permit):
+        if kept and isinstance(result, ConcurrencySlot):
             if any(m["type"] == "http.disconnect" for m in kept):
                 limiter.release(result)
                 return None, receive
             return result, _replaying(kept, receive)
         return result, receive
+
+
+class _Run:
+    """One admitted request in the app: which of work or stream it holds, and when.
+
+    Work: from the app's start (or the end of an upload's body) to the response start,
+    holding a slot and giving the controller its latency sample. Stream: while a body
+    flows, counted against ``max_streams`` only.
+    """
+
+    __slots__ = (
+        "_answered",
+        "_limiter",
+        "_mw",
+        "_path",
+        "_priority",
+        "_send",
+        "_slot",
+        "_streams",
+        "_work_started",
+        "started",
+        "timed_out",
+    )
+
+    def __init__(
+        self, mw: LoadShedMiddleware, slot: ConcurrencySlot, send: Send, path: str
+    ) -> None:
+        self._mw = mw
+        self._path = path
+        self._priority = slot.priority
+        self._limiter = mw.limiter
+        self._slot: ConcurrencySlot | None = slot
+        self._send = send
+        self._work_started = mw.clock.now()
+        self._streams = 0  # 0, or 1 while a body (in or out) holds a stream
+        self._answered = False  # we sent the 408 ourselves
+        self.started = False  # the response started
+        self.timed_out = False
+
+    def _end_work(self, *, sample: bool) -> None:
+        slot = self._slot
+        if slot is not None:
+            self._slot = None
+            latency = self._mw.clock.now() - self._work_started if sample else None
+            self._limiter.release(slot, latency=latency)
+
+    def _open_stream(self) -> None:
+        if self._streams == 0:
+            self._streams = 1
+            self._limiter.open_stream()
+
+    def _close_stream(self) -> None:
+        if self._streams:
+            self._streams = 0
+            self._limiter.close_stream()
+
+    async def send(self, message: Message) -> None:
+        if self._answered:
+            return  # the client has its 408; the app's late answer goes nowhere
+        kind = message["type"]
+        if kind == "http.response.start":
+            self.started = True
+            self._end_work(sample=True)
+            self._open_stream()
+        elif kind == "http.response.body" and not message.get("more_body", False):
+            self._close_stream()
+        await self._send(message)
+
+    def watch_body(self, receive: Receive) -> Receive:
+        """``receive`` for a request with a body: phases, and a 408 when it stalls."""
+        mw = self._mw
+        clock = mw.clock
+        timeout = mw.policy.body_timeout
+        complete = False
+
+        async def receive_body() -> Message:
+            nonlocal complete
+            if complete or self.timed_out:
+                return await receive()
+            message = await _within(receive(), lambda: clock.sleep(timeout))
+            if message is None:
+                return await self._stalled(timeout)
+            if message["type"] != "http.request":
+                return message
+            if message.get("more_body", False):
+                if self._slot is not None and not self.started:
+                    self._end_work(sample=False)  # the body streams in: I/O, not work
+                    self._open_stream()
+            else:
+                complete = True
+                if self._slot is None and not self.started:
+                    self._close_stream()  # the body is in: what follows is work again
+                    slot = self._limiter.acquire_now(self._priority)
+                    self._slot = slot
+                    self._work_started = slot.started
+            return message
+
+        return receive_body
+
+    async def _stalled(self, seconds: float) -> Message:
+        self.timed_out = True
+        mw = self._mw
+        if mw.events.active:
+            mw.events.emit(RequestBodyStalled(at=mw.clock.now(), path=self._path, seconds=seconds))
+        if not self.started:
+            self.started = True
+            self._end_work(sample=False)
+            self._close_stream()
+            await send_problem(
+                self._send,
+                408,
+                "Request Timeout",
+                f"The request body sent nothing for {seconds:g} s.",
+                headers=((b"connection", b"close"),),
+            )
+            self._answered = True
+        return {"type": "http.disconnect"}
+
+    def finish(self) -> None:
+        self._end_work(sample=False)
+        self._close_stream()
+
+
+async def _within(
+    receiving: Awaitable[Message], timer: Callable[[], Awaitable[None]]
+) -> Message | None:
+    """The message, or None when ``timer`` ends first (a stalled body).
+
+    A message that is already there (the usual case) costs one loop turn and no timer.
+    """
+    got = asyncio.ensure_future(receiving)
+    try:
+        await asyncio.sleep(0)
+    except BaseException:
+        got.cancel()
+        raise
+    if got.done():
+        return got.result()
+    clock = asyncio.ensure_future(timer())
+    try:
+        await asyncio.wait((got, clock), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        got.cancel()
+        clock.cancel()
+        raise
+    clock.cancel()
+    if got.done():
+        return got.result()
+    got.cancel()
+    return None
 
 
 def _replaying(kept: deque[Message], receive: Receive) -> Receive:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -22,8 +23,11 @@ __all__ = [
     "evaluate",
     "freshness_for",
     "http_date",
+    "is_artifact",
+    "is_per_client_field",
     "is_storable_request",
     "is_storable_response",
+    "shared_cache_allowed",
 ]
 
 Headers = Iterable[tuple[str, str]]
@@ -85,6 +89,47 @@ def is_storable_response(status: int, headers: Headers) -> bool:
         return False
     vary = _get(headers, "vary") or ""
     return "*" not in [p.strip() for p in vary.split(",")]
+
+
+_ARTIFACT_PATH = re.compile(
+    r"^/v2/.+/(?:manifests|blobs)/[^/]+$"  # OCI distribution
+    r"|^/v2/.+/tags/list$"
+    r"|^/simple(?:/|$)"  # PEP 503 / 691 index pages
+    r"|^/pypi/[^/]+(?:/[^/]+)?/json$"  # PyPI JSON API
+    r"|^/packages/.+\.(?:whl|tar\.gz|zip|tar\.bz2|tgz|egg)(?:\.metadata)?$"  # PyPI files
+    r"|/-/[^/]+\.tgz$"  # npm tarballs
+)
+_ARTIFACT_TYPE = re.compile(
+    r"^application/vnd\.(?:oci\.|docker\.|pypi\.simple\.|npm\.install-v1\+json)",
+    re.IGNORECASE,
+)
+_NPM_PACKUMENT = re.compile(r"application/vnd\.npm\.install-v1\+json", re.IGNORECASE)
+_PER_CLIENT = re.compile(r"^(?:set-cookie|ratelimit(?:-.*)?|x-ratelimit-.*|retry-after)$")
+
+
+def is_artifact(path: str, accept: str | None, headers: Headers) -> bool:
+    """A response shaped like an artifact: OCI manifests, blobs and tag lists, PEP 503/691
+    pages and PyPI files, npm packuments (asked for or sent as npm's media type) and
+    tarballs. What a server face stores without being told: anything else (a dynamic
+    JSON page, a session) may differ per caller or per second."""
+    if _ARTIFACT_PATH.search(path):
+        return True
+    if accept and _NPM_PACKUMENT.search(accept):
+        return True
+    content_type = _get(headers, "content-type") or ""
+    return _ARTIFACT_TYPE.match(content_type.strip()) is not None
+
+
+def shared_cache_allowed(headers: Headers) -> bool:
+    """The response says it may be kept: ``public``, ``max-age`` or ``s-maxage``."""
+    cc = cache_control(_get(headers, "cache-control"))
+    return "public" in cc or "max-age" in cc or "s-maxage" in cc
+
+
+def is_per_client_field(name: str) -> bool:
+    """A field that describes the caller, not the resource (``Set-Cookie``, ``RateLimit*``,
+    ``Retry-After``): never stored, never replayed to anybody."""
+    return _PER_CLIENT.match(name.lower()) is not None
 
 
 class State(enum.Enum):

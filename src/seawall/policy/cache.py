@@ -58,6 +58,10 @@ class CachePolicy(PolicyBase):
     - ``fallback_after``: with a copy that may answer for a failure, a client gives the
       upstream this long (every attempt and wait included) before the copy answers, so a
       hanging registry costs seconds, not the client's whole deadline (None: no limit).
+    - ``store_paths``: server face only: regular expressions (searched in the path) of
+      other responses to store although they are not artifacts and their Cache-Control
+      does not say ``public``/``max-age``/``s-maxage``. Empty by default: a dynamic page
+      is opt-in, since a copy of it may be wrong for the next caller.
     """
 
     max_bytes: int = 256 * _MIB
@@ -74,6 +78,7 @@ class CachePolicy(PolicyBase):
     namespace: str = "seawall"
     fallback_after: float | None = 5.0
     credential_headers: tuple[str, ...] = ()
+    store_paths: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_int_at_least("max_bytes", self.max_bytes, 1)
@@ -122,3 +127,11 @@ class CachePolicy(PolicyBase):
             check_positive("fallback_after", self.fallback_after)
         if not isinstance(self.namespace, str) or not self.namespace or "\n" in self.namespace:
             raise PolicyError("namespace", self.namespace, "must be a non-empty one-line string")
+        if isinstance(self.store_paths, str) or not isinstance(self.store_paths, tuple | list):
+            raise PolicyError("store_paths", self.store_paths, "must be a list of regexes")
+        object.__setattr__(self, "store_paths", tuple(self.store_paths))
+        for pattern in self.store_paths:
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError):
+                raise PolicyError("store_paths", pattern, "is not a regular expression") from None
