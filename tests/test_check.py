@@ -202,9 +202,9 @@ CASES = [
         "shed-queue-unbounded",
         "warning",
         client(attempt_timeout=10.0)
-        + SHED_OK.replace("queue_interval = 0.05", "queue_interval = 10"),
+        + SHED_OK.replace("queue_interval = 0.05", "queue_interval = 10\noverload_after = 10"),
         client(attempt_timeout=10.0)
-        + SHED_OK.replace("queue_interval = 0.05", "queue_interval = 9.9"),
+        + SHED_OK.replace("queue_interval = 0.05", "queue_interval = 9.9\noverload_after = 9.9"),
     ),
     Case(
         "stale-if-error-off",

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from seawall.asgi.shed import RequestBodyStalled
 from seawall.breaker import BreakerRejected, BreakerState, BreakerStateChanged
 from seawall.cache.fallback import CacheCorrupt, CacheRejected, CacheServed, CacheStored
 from seawall.cache.store import CacheEvicted, CacheWritesDisabled
@@ -258,6 +259,25 @@ SIGNALS: tuple[Signal, ...] = (
             "seawall.priority": e.priority,
             "seawall.retry_after": e.retry_after,
         },
+    ),
+    Signal(
+        RequestBodyStalled,
+        (),
+        _no_labels,  # never the path: it is the client's to choose
+        (
+            Metric(
+                "counter",
+                "seawall_shed_stalled_bodies",
+                "Request bodies that sent nothing for body_timeout: answered 408",
+                (),
+            ),
+        ),
+        LogLine(
+            "seawall.shed",
+            logging.WARNING,
+            lambda e: f"request bodies are stalling: {e.seconds:.0f} s without a byte (408)",
+            key=(),
+        ),
     ),
     Signal(
         ConcurrencyLimitChanged,
