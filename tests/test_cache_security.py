@@ -322,3 +322,64 @@ async def test_set_cookie_is_stripped_and_never_replayed(clock: ManualClock) -> 
     assert hit is not None
     served = dict(cache.served(hit))
     assert "set-cookie" not in served and served["content-type"] == "application/json"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    headers=st.lists(
+        st.tuples(
+            st.sampled_from(
+                [b"host", b"accept", b"authorization", b"x-api-key", b"cookie", b"x-auth-token",
+                 b"user-agent", b"x-request-id", b"Private-Token"]
+            ),
+            st.binary(min_size=0, max_size=12),
+        ),
+        max_size=6,
+    ),
+    path=st.sampled_from(
+        ["/v2/a/manifests/1", "/v2/a/blobs/sha256:" + "0" * 64, "/simple/x/", "/v2/a/blobs/md5:1"]
+    ),
+    query=st.sampled_from([b"", b"n=1", b"token=abc"]),
+)
+def test_the_server_faces_key_memo_always_agrees_with_the_key(
+    headers: list[tuple[bytes, bytes]], path: str, query: bytes
+) -> None:
+    """The ASGI face remembers keys by the raw request line and credential headers; every
+    remembered key must be the key the cache computes from scratch (no leak by memo)."""
+    from seawall.asgi.cache import _Exchange, _KeyMemo, request_info
+
+    cache = FallbackCache(policy=CachePolicy(credential_headers=["x-tenant"]))
+    memo = _KeyMemo(cache)
+    scope = {
+        "type": "http", "method": "GET", "scheme": "https", "path": path, "root_path": "",
+        "query_string": query, "headers": headers, "server": ("registry.test", 443),
+    }  # fmt: skip
+    for _ in range(2):  # computed, then remembered
+        got = memo.key(scope, _Exchange(scope, cache, memo))
+        assert got == cache.key(request_info(scope))
+
+
+@pytest.mark.parametrize("host", [b"[", b"registry:notaport", b"[::1"])
+async def test_a_hostile_host_header_passes_through_the_cache(host: bytes) -> None:
+    """Found by the memo property test: a Host of ``[`` made the cache key raise, so the
+    middleware answered 500. Such a request is simply never cached."""
+
+    async def app(scope, receive, send):  # type: ignore[no-untyped-def]
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    mw = FallbackCacheMiddleware(app)
+    sent: list[dict[str, object]] = []
+
+    async def send(message):  # type: ignore[no-untyped-def]
+        sent.append(message)
+
+    async def receive():  # type: ignore[no-untyped-def]
+        return {"type": "http.request", "body": b""}
+
+    scope = {
+        "type": "http", "method": "GET", "scheme": "http", "path": "/simple/x/",
+        "root_path": "", "query_string": b"", "headers": [(b"host", host)],
+    }  # fmt: skip
+    await mw(scope, receive, send)
+    assert sent[0]["status"] == 200 and mw.cache.store.keys() == []

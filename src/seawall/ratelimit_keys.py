@@ -65,8 +65,14 @@ def bounded(kind: str, value: str | bytes) -> str:
     return f"{kind}#{hashlib.blake2b(raw, digest_size=16).hexdigest()}"
 
 
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_CANONICAL_IPV4 = re.compile(rf"(?:{_OCTET}\.){{3}}{_OCTET}")
+
+
 def _normalize_ip(text: str, ipv6_prefix: int) -> str | None:
     """Canonical address text (IPv6 grouped by prefix), or None when it is no address."""
+    if _CANONICAL_IPV4.fullmatch(text):
+        return text  # the common case, without building an address object
     try:
         addr = ipaddress.ip_address(text)
     except ValueError:

@@ -28,13 +28,14 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from seawall.cache._async.io import AsyncCacheRecorder
 from seawall.cache.fallback import FallbackCache, Hit
 from seawall.cache.freshness import is_artifact, is_per_client_field, shared_cache_allowed
-from seawall.cache.keys import RequestInfo
+from seawall.cache.keys import RequestInfo, RequestKey, is_credential_header
 from seawall.clock import SYSTEM_CLOCK, Clock
 from seawall.events import EventBus
 from seawall.policy.cache import CachePolicy
@@ -60,13 +61,86 @@ def request_info(scope: Scope) -> RequestInfo:
     return RequestInfo(scope["method"], url, headers)
 
 
-class _Exchange:
-    __slots__ = ("answered", "recorder", "started")
+class _KeyMemo:
+    """Cache keys of recent requests, by what makes the key: the request line, Accept and
+    the credential headers' raw bytes. A registry front-end sees the same blob asked for
+    again and again; this saves decoding every header, parsing the URL and hashing for
+    each. Bounded: a flood of distinct requests only starts it over."""
 
-    def __init__(self) -> None:
+    __slots__ = ("_credential", "_extra", "_keys")
+
+    _MAX = 8192
+
+    def __init__(self, cache: FallbackCache) -> None:
+        self._keys: dict[tuple[Any, ...], RequestKey] = {}
+        self._credential: dict[bytes, bool] = {}
+        self._extra = frozenset(cache.policy.credential_headers)
+
+    def _is_credential(self, name: bytes) -> bool:
+        known = self._credential.get(name)
+        if known is None:
+            text = name.decode("latin-1").lower()
+            known = is_credential_header(text, self._extra)
+            if len(self._credential) < 1024:  # header names: few, unless hostile
+                self._credential[name] = known
+        return known
+
+    def key(self, scope: Scope, ex: _Exchange) -> RequestKey:
+        parts: list[Any] = [
+            scope.get("scheme"),
+            scope.get("server"),
+            scope.get("root_path", ""),
+            scope.get("path"),
+            scope.get("query_string", b""),
+        ]
+        size = 0
+        for name, value in scope.get("headers") or ():
+            if name in (b"host", b"accept") or self._is_credential(name):
+                parts.append(name)
+                parts.append(value)
+                size += len(value)
+        memo = tuple(parts)
+        found = self._keys.get(memo)
+        if found is None:
+            found = ex.cache.key(ex.info)
+            if size < 4096:
+                if len(self._keys) >= self._MAX:
+                    self._keys.clear()
+                self._keys[memo] = found
+        return found
+
+
+class _Exchange:
+    """One request's state; its face-neutral form and cache key are made once, when first
+    needed (a healthy answer for a blob already stored needs neither decoding nor hashing
+    beyond the key)."""
+
+    __slots__ = ("_info", "_key", "_keys", "answered", "cache", "recorder", "scope", "started")
+
+    def __init__(self, scope: Scope, cache: FallbackCache, keys: _KeyMemo) -> None:
+        self.scope = scope
+        self.cache = cache
+        self._keys = keys
         self.started = False  # the app's response start went to the client
         self.answered = False  # the cache answered instead
         self.recorder: AsyncCacheRecorder | None = None
+        self._info: RequestInfo | None = None
+        self._key: RequestKey | None = None
+
+    @property
+    def info(self) -> RequestInfo:
+        if self._info is None:
+            self._info = request_info(self.scope)
+        return self._info
+
+    @property
+    def key(self) -> RequestKey:
+        if self._key is None:
+            self._key = self._keys.key(self.scope, self)
+        return self._key
+
+    async def lookup(self) -> Hit | None:
+        return await self.cache.lookup(self.info, self.key)
 
 
 class FallbackCacheMiddleware:
@@ -89,6 +163,7 @@ class FallbackCacheMiddleware:
         self.cache = cache or FallbackCache(policy=policy, clock=clock, events=events)
         self._store_paths = tuple(re.compile(p) for p in self.cache.policy.store_paths)
         self._shedding_until = -math.inf  # monotonic: the inner shedder asked to come back
+        self._keys = _KeyMemo(self.cache)
 
     def _note_refusal(self, message: Message) -> None:
         """A shed answer passed by: copies by digest go first for its Retry-After."""
@@ -145,11 +220,10 @@ class FallbackCacheMiddleware:
             await self.app(scope, receive, send)
             return
         cache = self.cache
-        request = request_info(scope)
         head = scope["method"] == "HEAD"
-        ex = _Exchange()
-        if cache.clock.now() < self._shedding_until and cache.key(request).digest is not None:
-            hit = await cache.lookup(request)  # verified against its digest before serving
+        ex = _Exchange(scope, cache, self._keys)
+        if cache.clock.now() < self._shedding_until and ex.key.digest is not None:
+            hit = await ex.lookup()  # verified against its digest before serving
             if hit is not None and hit.immutable:
                 await self._serve(send, hit, head, "overloaded")
                 return
@@ -160,19 +234,21 @@ class FallbackCacheMiddleware:
                 return  # the app's own response was replaced by the stored copy
             if kind == "http.response.start":
                 if self._falls_back(message):
-                    hit = await cache.lookup(request)
+                    hit = await ex.lookup()
                     if hit is not None and hit.usable_on_error:
                         ex.answered = True
                         await self._serve(send, hit, head, f"status {message['status']}")
                         return
-                if not head:
+                # Only a complete 200 is ever stored, and a blob already stored needs
+                # nothing at all: no header decoding, no hashing, no copy.
+                if not head and message["status"] == 200 and not cache.holds(ex.key):
                     headers = [
                         (k.decode("latin-1").lower(), v.decode("latin-1"))
                         for k, v in message.get("headers", ())
                     ]
-                    if self._storable(scope, request, headers):
+                    if self._storable(scope, ex.info, headers):
                         kept = [(k, v) for k, v in headers if not is_per_client_field(k)]
-                        ex.recorder = await cache.recorder(request, int(message["status"]), kept)
+                        ex.recorder = await cache.recorder(ex.info, 200, kept, ex.key)
                 ex.started = True
                 await send(message)
                 return
@@ -194,7 +270,7 @@ class FallbackCacheMiddleware:
             if ex.answered:
                 return  # already answered from the cache; the app's late failure is moot
             if not ex.started:
-                hit = await cache.lookup(request)
+                hit = await ex.lookup()
                 if hit is not None and hit.usable_on_error:
                     ex.answered = True
                     await self._serve(send, hit, head, "app raised")

@@ -286,6 +286,9 @@ class DiskStore(Store):
         self._ensure_ready()
         return _DiskWriter(self, key)
 
+    def has(self, key: str) -> bool:
+        return self._ready and self._name(key) in self._index
+
 
 class _DiskWriter(Writer):
     def __init__(self, store: DiskStore, key: str) -> None:

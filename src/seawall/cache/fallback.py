@@ -145,6 +145,7 @@ class CacheStats:
     corrupt: int = 0
     concurrent_skipped: int = 0
     revalidated: int = 0
+    already_stored: int = 0
 
 
 @dataclass(slots=True)
@@ -264,19 +265,23 @@ class FallbackCache:
             io = self._sync = SyncCacheIO(self)
         return io
 
-    async def lookup(self, request: RequestInfo) -> Hit | None:
+    async def lookup(self, request: RequestInfo, rk: RequestKey | None = None) -> Hit | None:
         """The verified stored response for ``request``, or None (counted as a miss)."""
-        return await self.aio.lookup(request)
+        return await self.aio.lookup(request, rk)
 
     def body(self, hit: Hit) -> AsyncIterator[bytes]:
         """Stream the stored body, checking its hash again as it goes."""
         return self.aio.body(hit)
 
     async def recorder(
-        self, request: RequestInfo, status: int, headers: Sequence[tuple[str, str]]
+        self,
+        request: RequestInfo,
+        status: int,
+        headers: Sequence[tuple[str, str]],
+        rk: RequestKey | None = None,
     ) -> AsyncCacheRecorder | None:
         """A tee for this response, or None when it must not (or need not) be stored."""
-        return await self.aio.recorder(request, status, headers)
+        return await self.aio.recorder(request, status, headers, rk)
 
     async def refresh(self, hit: Hit, headers: Sequence[tuple[str, str]]) -> Hit:
         """Apply a 304 Not Modified: new freshness, same (verified) body."""
@@ -346,16 +351,29 @@ class FallbackCache:
 
     # -- writing (decisions) ------------------------------------------------------------
 
+    def holds(self, rk: RequestKey) -> bool:
+        """A verified copy of this digest-addressed blob is stored: an answer for it needs
+        no hashing and no copy (checked without blocking; False when it cannot tell)."""
+        return rk.digest is not None and self.store.has(rk.base)
+
     def plan_recording(
-        self, request: RequestInfo, status: int, headers: Sequence[tuple[str, str]]
+        self,
+        request: RequestInfo,
+        status: int,
+        headers: Sequence[tuple[str, str]],
+        rk: RequestKey | None = None,
     ) -> Recording | None:
         """What to record for this response, or None when it must not (or need not) be
         stored. Claims the key: only one recording per key runs at a time."""
         if not is_storable_request(request.method, request.headers):
             return None
-        rk = self.key(request)
-        if not rk.cacheable:  # a digest the cache cannot verify: never stored
-            self.rejected(rk.url, "the URL names a digest the cache cannot verify")
+        if rk is None:
+            rk = self.key(request)
+        if self.holds(rk):
+            self.stats.already_stored += 1  # the same bytes, already verified: nothing to do
+            return None
+        if not rk.cacheable:  # a digest the cache cannot verify, or a URL that won't parse
+            self.rejected(rk.url, "the URL names a digest the cache cannot verify, or is malformed")
             return None
         if not is_storable_response(status, headers):
             return None

@@ -18,6 +18,7 @@ import hashlib
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 __all__ = [
@@ -136,15 +137,39 @@ EXTRACTORS: dict[str, DigestExtractor] = {
 def register_extractor(name: str, extractor: DigestExtractor) -> None:
     """Make ``extractor`` selectable by ``name`` in ``CachePolicy.extractors``."""
     EXTRACTORS[name] = extractor
+    _DIGESTS.clear()
 
 
 def extract_digest(path: str, fragment: str, names: Iterable[str]) -> str | None:
     """The first digest any selected extractor finds (``algo:hex`` or :data:`UNVERIFIABLE`)."""
+    names = tuple(names)
+    memo = (path, fragment, names)
+    if memo in _DIGESTS:
+        return _DIGESTS[memo]
+    found: str | None = None
     for name in names:
         found = EXTRACTORS[name](path, fragment)
         if found:
-            return found if found == UNVERIFIABLE else parse_digest(found)
-    return None
+            found = found if found == UNVERIFIABLE else parse_digest(found)
+            break
+    _remember(_DIGESTS, memo, found, len(path) + len(fragment))
+    return found
+
+
+# Small bounded memos of pure functions of the request line: a registry front-end sees
+# the same paths again and again. Long inputs are never kept, and a full memo starts over.
+_MEMO_MAX = 4096
+_MEMO_INPUT_MAX = 2048
+_DIGESTS: dict[tuple[str, str, tuple[str, ...]], str | None] = {}
+_URLS: dict[str, tuple[str, str, str]] = {}
+_CREDENTIAL_NAMES: dict[str, bool] = {}
+
+
+def _remember(memo: dict[Any, Any], key: Any, value: Any, size: int) -> None:
+    if size <= _MEMO_INPUT_MAX:
+        if len(memo) >= _MEMO_MAX:
+            memo.clear()
+        memo[key] = value
 
 
 def is_manifest_request(path: str) -> bool:
@@ -154,12 +179,20 @@ def is_manifest_request(path: str) -> bool:
 
 def is_credential_header(name: str, extra: Iterable[str] = ()) -> bool:
     """Whether a request header (lower-case ``name``) carries a credential."""
-    return name in CREDENTIAL_HEADERS or name in extra or _CREDENTIAL_LIKE.search(name) is not None
+    if name in extra:
+        return True
+    known = _CREDENTIAL_NAMES.get(name)
+    if known is None:
+        known = name in CREDENTIAL_HEADERS or _CREDENTIAL_LIKE.search(name) is not None
+        _remember(_CREDENTIAL_NAMES, name, known, len(name))
+    return known
 
 
 def redact_url(url: str) -> str:
     """The URL with the values of credential-like query parameters (signed CDN URLs,
     ``?token=``) replaced: what may be written to disk, logs and events."""
+    if "?" not in url:
+        return url
     parts = urlsplit(url)
     if not parts.query:
         return url
@@ -204,6 +237,14 @@ class RequestKey:
 
 def _normalize_url(url: str) -> tuple[str, str, str]:
     """``(url without fragment, path, fragment)`` with scheme/host lower-cased."""
+    found = _URLS.get(url)
+    if found is None:
+        found = _split_url(url)
+        _remember(_URLS, url, found, len(url))
+    return found
+
+
+def _split_url(url: str) -> tuple[str, str, str]:
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     host = (parts.hostname or "").lower()
@@ -248,8 +289,14 @@ def request_key(
     namespace: str = "seawall",
     credential_headers: Iterable[str] = (),
 ) -> RequestKey:
-    """The key of ``request`` before Vary is applied (HEAD and GET share it)."""
-    url, path, fragment = _normalize_url(request.url)
+    """The key of ``request`` before Vary is applied (HEAD and GET share it). A URL that
+    does not parse (a hostile Host header such as ``[``) gets a key that is never
+    cacheable, rather than an exception in the middle of a request."""
+    try:
+        url, path, fragment = _normalize_url(request.url)
+    except ValueError:
+        raw = hashlib.sha256(f"{namespace}\nunparsable\n{request.url}".encode()).hexdigest()
+        return RequestKey(base=raw, url="(unparsable URL)", digest=None, scope="", cacheable=False)
     digest = extract_digest(path, fragment, extractors)
     cacheable = digest != UNVERIFIABLE
     if not cacheable:

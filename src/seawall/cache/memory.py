@@ -65,8 +65,13 @@ class MemoryStore(Store):
     def size_bytes(self) -> int:
         return self._size
 
+    trusted_bytes = True  # immutable bytes objects, verified when committed
+
     def open_writer(self, key: str) -> Writer:
         return _MemoryWriter(self, self._k(key))
+
+    def has(self, key: str) -> bool:
+        return self._k(key) in self._entries
 
     def open_reader(self, key: str) -> Reader | None:
         full = self._k(key)

@@ -94,6 +94,9 @@ class Store(abc.ABC):
     stats: StoreStats
     blocking: bool = False
     """True when calls may wait on a disk or a network (run off the event loop)."""
+    trusted_bytes: bool = False
+    """True when a committed body cannot change afterwards (bytes held by this process):
+    it was verified when committed, so reads need not hash it again."""
 
     @abc.abstractmethod
     def open_writer(self, key: str) -> Writer:
@@ -102,6 +105,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def open_reader(self, key: str) -> Reader | None:
         """``(meta, chunks)`` of a committed entry, or None. Each chunk read may block."""
+
+    def has(self, key: str) -> bool:
+        """Whether ``key`` is committed, answered without blocking (False when unsure)."""
+        return False
 
     @abc.abstractmethod
     def delete(self, key: str) -> None:

@@ -20,7 +20,7 @@ from seawall.cache.fallback import (
     Recording,
     vary_index_meta,
 )
-from seawall.cache.keys import RequestInfo, variant_key, vary_values
+from seawall.cache.keys import RequestInfo, RequestKey, variant_key, vary_values
 from seawall.cache.store import Writer
 from seawall.concurrency import sync_offload
 
@@ -55,13 +55,18 @@ class SyncCacheIO:
 
     # -- reading ------------------------------------------------------------------------
 
-    def lookup(self, request: RequestInfo) -> Hit | None:
-        """The verified stored response for ``request``, or None (counted as a miss)."""
+    def lookup(self, request: RequestInfo, rk: RequestKey | None = None) -> Hit | None:
+        """The verified stored response for ``request``, or None (counted as a miss);
+        ``rk`` is its key when the caller already has it."""
         if request.method.upper() not in ("GET", "HEAD"):
             return None
         cache = self.cache
         store = cache.store
-        rk = cache.key(request)
+        if rk is None:
+            rk = cache.key(request)
+        if not rk.cacheable:  # never stored, so never served
+            cache.stats.misses += 1
+            return None
         key = rk.base
         reader = sync_offload(self._blocking, store.open_reader, key)
         if reader is not None and "vary_index" in reader[0]:
@@ -76,6 +81,8 @@ class SyncCacheIO:
         if hit is None:
             self._corrupt(key, rk.url, "unreadable metadata")
             return None
+        if store.trusted_bytes:
+            return hit  # verified when committed, and they cannot change since
         problem = self._verify(hit, chunks)
         if problem is not None:
             self._corrupt(key, rk.url, problem)
@@ -107,6 +114,10 @@ class SyncCacheIO:
         reader = sync_offload(self._blocking, cache.store.open_reader, hit.key)
         if reader is None:
             raise CacheCorruptError(f"cache entry for {hit.url} disappeared")
+        if cache.store.trusted_bytes:
+            for chunk in self._chunks(reader[1]):
+                yield chunk
+            return
         h = cache.hasher(hit.content_hash)
         size = 0
         for chunk in self._chunks(reader[1]):
@@ -120,11 +131,15 @@ class SyncCacheIO:
     # -- writing ------------------------------------------------------------------------
 
     def recorder(
-        self, request: RequestInfo, status: int, headers: Sequence[tuple[str, str]]
+        self,
+        request: RequestInfo,
+        status: int,
+        headers: Sequence[tuple[str, str]],
+        rk: RequestKey | None = None,
     ) -> SyncCacheRecorder | None:
         """A tee for this response, or None when it must not (or need not) be stored."""
         cache = self.cache
-        recording = cache.plan_recording(request, status, headers)
+        recording = cache.plan_recording(request, status, headers, rk)
         if recording is None:
             return None
         try:

@@ -1,0 +1,220 @@
+"""What seawall's server stack costs per request, against bare Starlette, in one run.
+
+An artifact app (Starlette, one route serving a blob by digest) is driven directly through
+``app(scope, receive, send)``: no HTTP client, no server, so what is measured is the
+middleware. Variants, each with library defaults:
+
+* ``bare``: the app alone;
+* ``+ratelimit``, ``+shed``, ``+cache``: one seawall middleware each;
+* ``stack``: the documented
+  ``FallbackCacheMiddleware(LoadShedMiddleware(RateLimitMiddleware(app)))``;
+* ``slowapi``: SlowAPIASGIMiddleware with the same limit, a rate-limiting peer.
+
+Cache paths: ``stored`` (the blob's verified copy is already in the cache: the common
+case of a registry front-end, the goal is no per-byte work), ``record`` (every request a
+URL the cache has not seen: one hash pass and one copy per body) and ``hit`` (the app
+answers 503 and the stored copy is served). Bodies of 100 B and 1 MiB.
+
+    .venv/bin/python benchmarks/stack_overhead.py            # ~1 minute
+    .venv/bin/python benchmarks/stack_overhead.py --quick    # a few seconds
+
+Goals (issue 16): the stack adds <= 10 µs p50 over bare for small bodies, and <= 5% over
+bare for a 1 MiB blob that is already stored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import hashlib
+import random
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from slowapi import Limiter
+from slowapi.middleware import SlowAPIASGIMiddleware
+from slowapi.util import get_remote_address
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp
+
+from seawall import (
+    FallbackCacheMiddleware,
+    LoadShedMiddleware,
+    RateLimitMiddleware,
+    RateLimitPolicy,
+)
+
+LIMIT = "1000000/minute"  # never refuses: what is measured is the cost of asking
+
+
+def blob_app(
+    body: bytes, failing: list[bool], middleware: list[Middleware] | None = None
+) -> Starlette:
+    digest = hashlib.sha256(body).hexdigest()
+    headers = {"content-type": "application/octet-stream", "docker-content-digest": digest}
+
+    async def blob(request: Request) -> Response:
+        if failing[0]:
+            return Response(b"overloaded", status_code=503)
+        return Response(body, headers=headers)
+
+    return Starlette(routes=[Route("/v2/lib/app/blobs/{digest}", blob)], middleware=middleware)
+
+
+def scope_for(path: str, query: bytes, i: int) -> dict[str, Any]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": query,
+        "headers": [(b"host", b"registry.bench"), (b"user-agent", b"bench/1.0")],
+        "client": (f"10.0.{(i >> 8) & 255}.{i & 255}", 40000),
+        "server": ("registry.bench", 80),
+        "state": {},
+    }
+
+
+async def receive() -> dict[str, Any]:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+Runner = Callable[[int, int], Awaitable[float]]
+
+
+def runner(app: ASGIApp, path: str, unique: bool, expect: int = 200) -> Runner:
+    seen: list[int] = []
+
+    async def send(message: Any) -> None:
+        if message["type"] == "http.response.start":
+            seen.append(message["status"])
+
+    async def run(start: int, n: int) -> float:
+        scopes = [
+            scope_for(path, b"n=%d" % (start + i) if unique else b"", start + i) for i in range(n)
+        ]
+        seen.clear()
+        t0 = time.perf_counter()
+        for scope in scopes:
+            await app(scope, receive, send)
+        dt = time.perf_counter() - t0
+        assert seen and all(s == expect for s in seen), set(seen)
+        return dt / n
+
+    return run
+
+
+def variants(body: bytes) -> dict[str, Runner]:
+    path = f"/v2/lib/app/blobs/sha256:{hashlib.sha256(body).hexdigest()}"
+    out: dict[str, Runner] = {}
+    ok = [False]
+    out["bare"] = runner(blob_app(body, ok), path, False)
+    limit = RateLimitPolicy(limit=LIMIT)
+    out["+ratelimit"] = runner(RateLimitMiddleware(blob_app(body, ok), limit), path, False)
+    out["+shed"] = runner(LoadShedMiddleware(blob_app(body, ok)), path, False)
+    out["+cache stored"] = runner(FallbackCacheMiddleware(blob_app(body, ok)), path, False)
+    out["+cache record"] = runner(FallbackCacheMiddleware(blob_app(body, ok)), path, True)
+    failing = [False]
+    hit = FallbackCacheMiddleware(blob_app(body, failing))
+    out["+cache hit (app 503)"] = _after_warmup(hit, path, failing)
+    app = blob_app(body, ok)
+    stack = FallbackCacheMiddleware(LoadShedMiddleware(RateLimitMiddleware(app, limit)))
+    out["stack stored"] = runner(stack, path, False)
+    slow_app = blob_app(body, ok, [Middleware(SlowAPIASGIMiddleware)])
+    slow_app.state.limiter = Limiter(key_func=get_remote_address, default_limits=[LIMIT])
+    out["slowapi"] = runner(slow_app, path, False)
+    return out
+
+
+def _after_warmup(mw: FallbackCacheMiddleware, path: str, failing: list[bool]) -> Runner:
+    """Record the blob once with a healthy app, then measure answers while it fails."""
+    inner = runner(mw, path, False, expect=200)
+
+    async def run(start: int, n: int) -> float:
+        if not failing[0]:
+            await runner(mw, path, False)(0, 1)
+            failing[0] = True
+        return await inner(start, n)
+
+    return run
+
+
+async def measure(runners: dict[str, Runner], n: int, rounds: int) -> dict[str, list[float]]:
+    """Per-request seconds of each round; every variant once per round, shuffled."""
+    samples: dict[str, list[float]] = {name: [] for name in runners}
+    offsets = dict.fromkeys(runners, 0)
+    order = list(runners)
+    rng = random.Random(16)
+    for name, run in runners.items():  # warm-up: caches filled, code paths hot
+        await run(offsets[name], min(n, 50))
+        offsets[name] += min(n, 50)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for name in order:
+            gc.collect()
+            samples[name].append(await runners[name](offsets[name], n))
+            offsets[name] += n
+    return samples
+
+
+def report(label: str, samples: dict[str, list[float]], console: Console) -> dict[str, float]:
+    bare = samples["bare"]
+    table = Table(title=f"{label}: µs per request (median of rounds), added over bare")
+    for col in ("variant", "µs", "added µs", "x bare"):
+        table.add_column(col, justify="right" if col != "variant" else "left")
+    added: dict[str, float] = {}
+    for name, values in samples.items():
+        med = statistics.median(values) * 1e6
+        diff = statistics.median(x - b for x, b in zip(values, bare, strict=True)) * 1e6
+        added[name] = diff
+        ratio = med / (statistics.median(bare) * 1e6)
+        table.add_row(name, f"{med:.1f}", f"{diff:+.1f}", f"{ratio:.3f}")
+    console.print(table)
+    return added
+
+
+async def main_async(quick: bool) -> None:
+    console = Console()
+    small = b"x" * 100
+    big = bytes(range(256)) * 4096  # 1 MiB
+    n, rounds = (300, 5) if quick else (2000, 9)
+    n_big, rounds_big = (30, 5) if quick else (150, 9)
+    added_small = report("100 B blob", await measure(variants(small), n, rounds), console)
+    s_big = await measure(variants(big), n_big, rounds_big)
+    report("1 MiB blob", s_big, console)
+    bare_big = statistics.median(s_big["bare"])
+    stored_big = statistics.median(
+        x / b for x, b in zip(s_big["stack stored"], s_big["bare"], strict=True)
+    )
+    console.print(
+        f"goal: stack adds <= 10 µs for 100 B: {added_small['stack stored']:+.1f} µs "
+        f"({'MET' if added_small['stack stored'] <= 10 else 'NOT MET'})"
+    )
+    console.print(
+        f"goal: stack <= 1.05 x bare for a stored 1 MiB blob: {stored_big:.3f} "
+        f"(bare {bare_big * 1e6:.0f} µs; {'MET' if stored_big <= 1.05 else 'NOT MET'})"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    asyncio.run(main_async(args.quick))
+
+
+if __name__ == "__main__":
+    main()
