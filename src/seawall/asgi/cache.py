@@ -241,7 +241,11 @@ class FallbackCacheMiddleware:
                         return
                 # Only a complete 200 is ever stored, and a blob already stored needs
                 # nothing at all: no header decoding, no hashing, no copy.
-                if not head and message["status"] == 200 and not cache.holds(ex.key):
+                if head or message["status"] != 200:
+                    pass
+                elif cache.holds(ex.key):
+                    cache.stats.already_stored += 1
+                else:
                     headers = [
                         (k.decode("latin-1").lower(), v.decode("latin-1"))
                         for k, v in message.get("headers", ())

@@ -289,6 +289,47 @@ class DiskStore(Store):
     def has(self, key: str) -> bool:
         return self._ready and self._name(key) in self._index
 
+    def read_meta(self, key: str) -> Meta | None:
+        self._ensure_ready()
+        name = self._name(key)
+        if name not in self._index:
+            return None
+        found = self._read_meta_sync(name, key)
+        return found[0] if found is not None else None
+
+    def replace_meta(self, key: str, meta: Meta) -> bool:
+        """Rewrite the metadata and trailer after the body, in place: a torn write leaves a
+        bad trailer, which is read as a corrupt entry and dropped, never served."""
+        self._ensure_ready()
+        name = self._name(key)
+        if name not in self._index or not self.writable:
+            return False
+        found = self._read_meta_sync(name, key)
+        if found is None:
+            return False
+        body_len = found[1]
+        meta_bytes = json.dumps({"key": key, "meta": meta}, separators=(",", ":")).encode()
+        try:
+            with open(self._path(name), "r+b") as f:
+                f.seek(body_len)
+                f.write(meta_bytes)
+                f.write(_TRAILER.pack(body_len, len(meta_bytes), _MAGIC))
+                f.truncate()
+                f.flush()
+                if self.fsync:
+                    os.fsync(f.fileno())
+        except OSError as exc:
+            self._disable(exc)
+            return False
+        total = body_len + len(meta_bytes) + _TRAILER.size
+        with self._lock:
+            old = self._index.pop(name, None)
+            if old is not None:
+                self._size -= old
+            self._index[name] = total
+            self._size += total
+        return True
+
 
 class _DiskWriter(Writer):
     def __init__(self, store: DiskStore, key: str) -> None:

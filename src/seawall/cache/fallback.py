@@ -403,6 +403,33 @@ class FallbackCache:
         with self._inflight_lock:
             self._inflight.discard(key)
 
+    def unchanged(self, recording: Recording, stored: Meta | None) -> Meta | None:
+        """New metadata for the stored entry when the response's validators say its body
+        is the one stored (a strong ETag, Docker-Content-Digest, or Last-Modified with the
+        same length): the entry is refreshed without copying a byte. None otherwise."""
+        if stored is None or recording.rk.digest is not None:
+            return None
+        try:
+            if stored.get("v") != _FORMAT or int(stored["status"]) != recording.status:
+                return None
+            old = {str(k): str(v) for k, v in stored["headers"]}
+            size, content_hash = int(stored["size"]), str(stored["hash"])
+        except (KeyError, TypeError, ValueError):
+            return None
+        new = dict(recording.headers)
+        same = False
+        for name in ("etag", "docker-content-digest"):
+            value = new.get(name)
+            if value and not value.startswith("W/") and old.get(name) == value:
+                same = True
+        modified, length = new.get("last-modified"), new.get("content-length")
+        if modified and old.get("last-modified") == modified and length == str(size):
+            same = True
+        if not same:
+            return None
+        r = recording
+        return self.meta_for(r.rk, r.status, r.headers, r.vary, size, content_hash)
+
     def judge_recording(self, recording: Recording, size: int, actual: str) -> str | None:
         """Why a finished recording must not be kept (incomplete, wrong digest), or None;
         ``actual`` is the body's hash as ``algo:hex``."""

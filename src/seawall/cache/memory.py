@@ -73,6 +73,18 @@ class MemoryStore(Store):
     def has(self, key: str) -> bool:
         return self._k(key) in self._entries
 
+    def read_meta(self, key: str) -> Meta | None:
+        entry = self._entries.get(self._k(key))
+        return dict(entry.meta) if entry is not None else None
+
+    def replace_meta(self, key: str, meta: Meta) -> bool:
+        with self._lock:
+            entry = self._entries.get(self._k(key))
+            if entry is None:
+                return False
+            entry.meta = dict(meta)
+            return True
+
     def open_reader(self, key: str) -> Reader | None:
         full = self._k(key)
         with self._lock:

@@ -110,6 +110,22 @@ class Store(abc.ABC):
         """Whether ``key`` is committed, answered without blocking (False when unsure)."""
         return False
 
+    def read_meta(self, key: str) -> Meta | None:
+        """The metadata of a committed entry, without its body. May block."""
+        found = self.open_reader(key)
+        if found is None:
+            return None
+        meta, chunks = found
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
+        return meta
+
+    def replace_meta(self, key: str, meta: Meta) -> bool:
+        """Replace an entry's metadata and keep its body (a refresh that changes no byte);
+        False when the store cannot, and the entry must be written again. May block."""
+        return False
+
     @abc.abstractmethod
     def delete(self, key: str) -> None:
         """Remove ``key`` if present."""

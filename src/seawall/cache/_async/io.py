@@ -141,8 +141,17 @@ class AsyncCacheIO:
         recording = cache.plan_recording(request, status, headers, rk)
         if recording is None:
             return None
+        store = cache.store
         try:
-            writer = await async_offload(self._blocking, cache.store.open_writer, recording.key)
+            stored = await async_offload(self._blocking, store.read_meta, recording.key)
+            fresh = cache.unchanged(recording, stored)
+            if fresh is not None and await async_offload(
+                self._blocking, store.replace_meta, recording.key, fresh
+            ):
+                cache.release(recording.key)
+                cache.stats.revalidated += 1  # same validators: new freshness, no byte copied
+                return None
+            writer = await async_offload(self._blocking, store.open_writer, recording.key)
         except Exception:
             cache.release(recording.key)
             return None
