@@ -24,11 +24,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
-import random
 import statistics
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from limits import parse
@@ -44,6 +41,8 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from asgi_bench import Runner, client_address, http_scope, measure
+from asgi_bench import runner as asgi_runner
 from seawall.asgi.ratelimit import RateLimitMiddleware
 from seawall.policy.ratelimit import RateLimitPolicy
 from seawall.ratelimit import RateLimiter
@@ -77,50 +76,9 @@ def starlette_app(middleware: list[Middleware] | None = None, slowapi: bool = Fa
     return app
 
 
-def make_scope(i: int) -> dict[str, Any]:
-    n = i // KEY_SPAN
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/",
-        "raw_path": b"/",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"host", b"bench"), (b"user-agent", b"bench")],
-        "client": (f"10.{(n >> 16) & 255}.{(n >> 8) & 255}.{n & 255}", 40000),
-        "server": ("bench", 80),
-        "state": {},
-    }
-
-
-async def receive() -> dict[str, Any]:
-    return {"type": "http.request", "body": b"", "more_body": False}
-
-
-Runner = Callable[[int, int], Awaitable[float]]
-
-
 def app_runner(app: ASGIApp) -> Runner:
-    statuses: list[int] = []
-
-    async def send(message: Any) -> None:
-        if message["type"] == "http.response.start":
-            statuses.append(message["status"])
-
-    async def run(start: int, n: int) -> float:
-        scopes = [make_scope(start + i) for i in range(n)]
-        statuses.clear()
-        t0 = time.perf_counter()
-        for scope in scopes:
-            await app(scope, receive, send)
-        dt = time.perf_counter() - t0
-        assert statuses and all(s == 200 for s in statuses), set(statuses)
-        return dt / n
-
-    return run
+    """Many clients, each sending ``KEY_SPAN`` requests to ``/``."""
+    return asgi_runner(app, lambda i: http_scope("/", client=client_address(i // KEY_SPAN)))
 
 
 def limits_runner(storage: Any) -> Runner:
@@ -152,31 +110,14 @@ def seawall_limiter_runner() -> Runner:
     return run
 
 
-async def measure(
+async def medians(
     runners: dict[str, Runner], n: int, repeats: int
 ) -> tuple[dict[str, float], dict[str, float]]:
-    """Median µs/request per variant, and median of per-round differences to bare Starlette.
-
-    Each round runs every variant once in a shuffled order, so slow drift (other processes,
-    slowapi's storage timer thread) lands on all variants alike; the "added" figures are
-    medians of differences taken within a round, which cancels most of that drift.
-    """
-    samples: dict[str, list[float]] = {name: [] for name in runners}
-    offsets = dict.fromkeys(runners, 0)
-    order = list(runners)
-    rng = random.Random(7)
-    for name, run in runners.items():  # warm-up (middleware stacks build on first call)
-        await run(offsets[name], min(n, 200))
-        offsets[name] += min(n, 200)
-    for _ in range(repeats):
-        rng.shuffle(order)
-        for name in order:
-            gc.collect()
-            samples[name].append(await runners[name](offsets[name], n))
-            offsets[name] += n
-            # limits' sync MemoryStorage (slowapi) sweeps keys in a threading.Timer 10 ms
-            # after its last hit; let that finish outside the timed loops of other variants.
-            await asyncio.sleep(0.03)
+    """Median µs/request per variant, and median of per-round differences to bare Starlette
+    (taken within a round, which cancels most of the drift of a shared machine)."""
+    # limits' sync MemoryStorage (slowapi) sweeps keys in a threading.Timer 10 ms after
+    # its last hit: the pause lets it finish outside the timed loops of other variants.
+    samples = await measure(runners, n, repeats, pause=0.03)
     bare = samples["bare starlette"]
     median = {name: statistics.median(v) * 1e6 for name, v in samples.items()}
     added = {
@@ -253,7 +194,7 @@ def redis_rows(quick: bool) -> None:
         }
 
         async def run_all() -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
-            us, added = await measure(runners, n, repeats)
+            us, added = await medians(runners, n, repeats)
             trips: dict[str, float] = {}
             for name, run in runners.items():  # one loop: redis-py connections are per loop
                 _RoundTrips.count = 0
@@ -309,7 +250,7 @@ def main() -> None:
         "limits hit+stats (seawall BoundedMemoryStorage)": limits_runner(BoundedMemoryStorage()),
         "seawall RateLimiter.hit (no HTTP)": seawall_limiter_runner(),
     }
-    us, added = asyncio.run(measure(runners, n, repeats))
+    us, added = asyncio.run(medians(runners, n, repeats))
     direct = ("limits", "seawall RateLimiter")
     print(f"\n{n} requests x {repeats} rounds per variant (shuffled order), median µs/request")
     print("'added' = median over rounds of (variant - bare starlette) in the same round;")

@@ -26,12 +26,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import hashlib
-import random
 import statistics
-import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from rich.console import Console
@@ -46,6 +42,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
+from asgi_bench import Runner, client_address, http_scope, measure
+from asgi_bench import runner as asgi_runner
 from seawall import (
     FallbackCacheMiddleware,
     LoadShedMiddleware,
@@ -70,51 +68,15 @@ def blob_app(
     return Starlette(routes=[Route("/v2/lib/app/blobs/{digest}", blob)], middleware=middleware)
 
 
-def scope_for(path: str, query: bytes, i: int) -> dict[str, Any]:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": query,
-        "headers": [(b"host", b"registry.bench"), (b"user-agent", b"bench/1.0")],
-        "client": (f"10.0.{(i >> 8) & 255}.{i & 255}", 40000),
-        "server": ("registry.bench", 80),
-        "state": {},
-    }
-
-
-async def receive() -> dict[str, Any]:
-    return {"type": "http.request", "body": b"", "more_body": False}
-
-
-Runner = Callable[[int, int], Awaitable[float]]
-
-
 def runner(app: ASGIApp, path: str, unique: bool, expect: int = 200) -> Runner:
-    seen: list[int] = []
+    """Many clients asking for one blob (``unique``: each at a URL never seen before)."""
+    headers = [(b"host", b"registry.bench"), (b"user-agent", b"bench/1.0")]
 
-    async def send(message: Any) -> None:
-        if message["type"] == "http.response.start":
-            seen.append(message["status"])
+    def scope_of(i: int) -> dict[str, Any]:
+        query = b"n=%d" % i if unique else b""
+        return http_scope(path, client=client_address(i), query=query, headers=headers)
 
-    async def run(start: int, n: int) -> float:
-        scopes = [
-            scope_for(path, b"n=%d" % (start + i) if unique else b"", start + i) for i in range(n)
-        ]
-        seen.clear()
-        t0 = time.perf_counter()
-        for scope in scopes:
-            await app(scope, receive, send)
-        dt = time.perf_counter() - t0
-        assert seen and all(s == expect for s in seen), set(seen)
-        return dt / n
-
-    return run
+    return asgi_runner(app, scope_of, expect)
 
 
 def variants(body: bytes) -> dict[str, Runner]:
@@ -152,24 +114,6 @@ def _after_warmup(mw: FallbackCacheMiddleware, path: str, failing: list[bool]) -
     return run
 
 
-async def measure(runners: dict[str, Runner], n: int, rounds: int) -> dict[str, list[float]]:
-    """Per-request seconds of each round; every variant once per round, shuffled."""
-    samples: dict[str, list[float]] = {name: [] for name in runners}
-    offsets = dict.fromkeys(runners, 0)
-    order = list(runners)
-    rng = random.Random(16)
-    for name, run in runners.items():  # warm-up: caches filled, code paths hot
-        await run(offsets[name], min(n, 50))
-        offsets[name] += min(n, 50)
-    for _ in range(rounds):
-        rng.shuffle(order)
-        for name in order:
-            gc.collect()
-            samples[name].append(await runners[name](offsets[name], n))
-            offsets[name] += n
-    return samples
-
-
 def report(label: str, samples: dict[str, list[float]], console: Console) -> dict[str, float]:
     bare = samples["bare"]
     table = Table(title=f"{label}: µs per request (median of rounds), added over bare")
@@ -192,8 +136,9 @@ async def main_async(quick: bool) -> None:
     big = bytes(range(256)) * 4096  # 1 MiB
     n, rounds = (300, 5) if quick else (2000, 9)
     n_big, rounds_big = (30, 5) if quick else (150, 9)
-    added_small = report("100 B blob", await measure(variants(small), n, rounds), console)
-    s_big = await measure(variants(big), n_big, rounds_big)
+    small_samples = await measure(variants(small), n, rounds, warmup=50, seed=16)
+    added_small = report("100 B blob", small_samples, console)
+    s_big = await measure(variants(big), n_big, rounds_big, warmup=50, seed=16)
     report("1 MiB blob", s_big, console)
     bare_big = statistics.median(s_big["bare"])
     stored_big = statistics.median(

@@ -27,11 +27,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
-import random
 import statistics
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from opentelemetry.sdk.metrics import MeterProvider
@@ -42,6 +39,8 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
+from asgi_bench import Runner, client_address, http_scope, measure
+from asgi_bench import runner as asgi_runner
 from seawall import FallbackCacheMiddleware, LoadShedMiddleware, RateLimitMiddleware
 from seawall.events import EventBus
 from seawall.telemetry import EventLogger
@@ -50,8 +49,6 @@ from seawall.telemetry.prometheus import PrometheusMetrics
 
 KEY_SPAN = 500  # requests per client address; the default limit is 1000/minute
 PATH = "/v2/library/app/manifests/latest"
-
-Runner = Callable[[int, int], Awaitable[float]]
 
 
 async def manifest(_request: Any) -> PlainTextResponse:
@@ -69,65 +66,8 @@ def stack(listener: Callable[[Any], None] | None) -> ASGIApp:
     return app
 
 
-def make_scope(i: int) -> dict[str, Any]:
-    n = i // KEY_SPAN
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": PATH,
-        "raw_path": PATH.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"host", b"bench"), (b"user-agent", b"bench")],
-        "client": (f"10.{(n >> 16) & 255}.{(n >> 8) & 255}.{n & 255}", 40000),
-        "server": ("bench", 80),
-        "state": {},
-    }
-
-
-async def receive() -> dict[str, Any]:
-    return {"type": "http.request", "body": b"", "more_body": False}
-
-
 def runner(app: ASGIApp) -> Runner:
-    statuses: list[int] = []
-
-    async def send(message: Any) -> None:
-        if message["type"] == "http.response.start":
-            statuses.append(message["status"])
-
-    async def run(start: int, n: int) -> float:
-        scopes = [make_scope(start + i) for i in range(n)]
-        statuses.clear()
-        t0 = time.perf_counter()
-        for scope in scopes:
-            await app(scope, receive, send)
-        dt = time.perf_counter() - t0
-        assert statuses and all(s == 200 for s in statuses), set(statuses)
-        return dt / n
-
-    return run
-
-
-async def measure(runners: dict[str, Runner], n: int, repeats: int) -> dict[str, list[float]]:
-    """Per-round µs/request of every variant, rounds in a shuffled order (drift lands on all)."""
-    samples: dict[str, list[float]] = {name: [] for name in runners}
-    offsets = dict.fromkeys(runners, 0)
-    order = list(runners)
-    rng = random.Random(7)
-    for name, run in runners.items():  # warm-up: middleware stacks build on first call
-        await run(offsets[name], min(n, 500))
-        offsets[name] += min(n, 500)
-    for _ in range(repeats):
-        rng.shuffle(order)
-        for name in order:
-            gc.collect()
-            samples[name].append(await runners[name](offsets[name], n) * 1e6)
-            offsets[name] += n
-    return samples
+    return asgi_runner(app, lambda i: http_scope(PATH, client=client_address(i // KEY_SPAN)))
 
 
 def main() -> None:
@@ -146,7 +86,8 @@ def main() -> None:
         ),
         "stack + EventLogger": runner(stack(EventLogger())),
     }
-    samples = asyncio.run(measure(runners, n, repeats))
+    seconds = asyncio.run(measure(runners, n, repeats, warmup=500))
+    samples = {name: [v * 1e6 for v in values] for name, values in seconds.items()}
     bare, off = samples["bare starlette"], samples["stack, metrics off"]
     print(f"\n{n} requests x {repeats} rounds per variant (shuffled order), median µs/request")
     print("'stack added' = median over rounds of (variant - bare starlette), same round;")
