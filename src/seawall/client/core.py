@@ -380,18 +380,13 @@ class Attempt:
     __slots__ = ("_breaker", "_local", "_permit", "_release", "_started", "number", "pace", "pacer")
 
     def __init__(
-        self,
-        number: int,
-        breaker: CircuitBreaker | None,
-        permit: Permit | None,
-        started: float,
-        pacer: HostPacer | None,
+        self, number: int, breaker: CircuitBreaker | None, permit: Permit | None, started: float
     ) -> None:
         self.number = number
         self._breaker = breaker
         self._permit = permit
         self._started = started
-        self.pacer = pacer  # set while a pacing reservation is not yet used
+        self.pacer: HostPacer | None = None  # set while a pacing reservation is unused
         self.pace = 0.0  # seconds to wait for the pacing slot
         self._release: Callable[[], None] | None = None
         self._local = False  # ended by a local condition (full bulkhead): never retried
@@ -492,7 +487,7 @@ class Call(Generic[Req, Resp]):
             except CircuitOpenError as exc:
                 raise self.face.open_error(exc, self.request) from exc
         now = core.clock.now()
-        attempt = Attempt(self.attempts, breaker, permit, now, None)
+        attempt = Attempt(self.attempts, breaker, permit, now)
         pacer = core.pacer(host)
         if pacer is not None:
             wait = pacer.reserve(max(0.0, self.deadline_at - now))
