@@ -52,6 +52,7 @@ from seawall import (
 )
 
 LIMIT = "1000000/minute"  # never refuses: what is measured is the cost of asking
+REQUESTS_PER_CLIENT = 50  # a CI step: a manifest and its layers, from one runner
 
 
 def blob_app(
@@ -74,7 +75,8 @@ def runner(app: ASGIApp, path: str, unique: bool, expect: int = 200) -> Runner:
 
     def scope_of(i: int) -> dict[str, Any]:
         query = b"n=%d" % i if unique else b""
-        return http_scope(path, client=client_address(i), query=query, headers=headers)
+        client = client_address(i // REQUESTS_PER_CLIENT)
+        return http_scope(path, client=client, query=query, headers=headers)
 
     return asgi_runner(app, scope_of, expect)
 

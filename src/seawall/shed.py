@@ -428,14 +428,17 @@ class ConcurrencyLimiter:
             return 0
         return min(p.max_queue_length, math.floor(rate * p.queue_interval * QUEUE_FILL_OVERLOADED))
 
-    def admit_limit(self, priority: int, now: float | None = None) -> int:
+    def admit_limit(
+        self, priority: int, now: float | None = None, limit: int | None = None
+    ) -> int:
         """The in-flight count below which ``priority`` is admitted straight away.
 
         Under sustained overload each class above ``priority`` keeps ``priority_reserve``
         of the limit for itself, so lower classes are refused first even when no queue is
         kept; otherwise every class may use the whole limit.
         """
-        limit = self.limit
+        if limit is None:
+            limit = self.limit
         if now is None:
             now = self._clock.now()
         if not self._is_overloaded(now) or self.policy.priority_reserve == 0:
@@ -470,9 +473,10 @@ class ConcurrencyLimiter:
             self._dispatch(now)
         if self._queued == 0:
             self._spare(now)
-        if self._queued == 0 and self._in_flight < self.admit_limit(priority, now):
+        limit = self.limit
+        if self._queued == 0 and self._in_flight < self.admit_limit(priority, now, limit):
             self._in_flight += 1
-            if self._in_flight >= self.limit:
+            if self._in_flight >= limit:
                 self._free_since = None
             return ConcurrencySlot(now, priority, self._in_flight)
         self._free_since = None
@@ -513,21 +517,25 @@ class ConcurrencyLimiter:
         slot.released = True
         now = self._clock.now()
         queued = self._queued > 0
-        saturated = queued or self._in_flight >= self.limit
+        controller = self._controller
+        limit = self.policy.initial_limit if controller is None else int(controller._limit)
+        saturated = queued or self._in_flight >= limit
         self._in_flight -= 1
-        if self._queued == 0 and self._free_since is None and self._in_flight < self.limit:
+        if not queued and self._free_since is None and self._in_flight < limit:
             self._free_since = now
         if latency is not None:
-            hold = max(now - slot.started, 0.0)
-            self._hold_ema = hold if self._hold_ema is None else 0.9 * self._hold_ema + 0.1 * hold
-            if self._controller is not None:
-                old = self._controller.limit
-                self._controller.on_sample(
+            hold = now - slot.started
+            if hold < 0.0:
+                hold = 0.0
+            ema = self._hold_ema
+            self._hold_ema = hold if ema is None else 0.9 * ema + 0.1 * hold
+            if controller is not None:
+                controller.on_sample(
                     latency, now=now, saturated=saturated, queued=queued, in_flight=slot.in_flight
                 )
-                new = self._controller.limit
-                if new != old and self._bus.active:
-                    self._bus.emit(ConcurrencyLimitChanged(at=now, old=old, new=new))
+                new = int(controller._limit)
+                if new != limit and self._bus.active:
+                    self._bus.emit(ConcurrencyLimitChanged(at=now, old=limit, new=new))
         if self._queued:
             self._expire(now)
             self._dispatch(now)

@@ -133,6 +133,8 @@ class LoadShedMiddleware:
         self.limiter = ConcurrencyLimiter(policy, clock=clock, events=events)
         self.steps = StepTracker(policy.step_idle, policy.step_memory)
         self._shed_responses: dict[tuple[int, str, int, bool], tuple[Message, ...]] = {}
+        # classes of recent reads (bounded; a registry sees the same paths again and again)
+        self._classes: dict[tuple[str, str, str], tuple[RequestClass | None]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -142,7 +144,20 @@ class LoadShedMiddleware:
         path: str = scope.get("path", "/")
         request = _read(scope, method)
         policy = self.policy
-        cls = policy.classify(method, path, request.accept, request.body)
+        cls: RequestClass | None
+        if request.body == 0:  # a read: its class depends on the request line only
+            memo = (method, path, request.accept)
+            known = self._classes.get(memo)
+            if known is None:
+                cls = policy.classify(method, path, request.accept, 0)
+                if len(path) < 1024:
+                    if len(self._classes) >= 4096:
+                        self._classes.clear()
+                    self._classes[memo] = (cls,)
+            else:
+                cls = known[0]
+        else:
+            cls = policy.classify(method, path, request.accept, request.body)
         if cls is None:
             priority = policy.default_priority
             stream = False
@@ -357,10 +372,16 @@ class _Run:
         kind = message["type"]
         if kind == "http.response.start":
             self.started = True
-            self._end_work(sample=True)
-            self._open_stream()
-        elif kind == "http.response.body" and not message.get("more_body", False):
-            self._close_stream()
+            slot = self._slot  # _end_work(sample=True) and _open_stream(), inlined: hot
+            if slot is not None:
+                self._slot = None
+                self._limiter.release(slot, latency=self._mw.clock.now() - self._work_started)
+            if self._streams == 0:
+                self._streams = 1
+                self._limiter._streams += 1
+        elif kind == "http.response.body" and self._streams and not message.get("more_body"):
+            self._streams = 0  # _close_stream(), inlined
+            self._limiter.close_stream()
         await self._send(message)
 
     def watch_body(self, receive: Receive) -> Receive:
