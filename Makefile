@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/seawall replay december-2022 --out replay-report --json replay-report/results.json
+	$(BIN)/seawall replay december-2022 --quick --jobs 4 --out replay-report --json replay-report/results.json
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples
