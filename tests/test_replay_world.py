@@ -226,3 +226,25 @@ async def test_a_scenario_runs_in_process_and_over_loopback_tcp(sockets: bool) -
     assert result.upstream_requests > 0 and result.origin_requests > 0
     assert result.statuses.get("2xx", 0) > 0
     await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("kind", ["naive", "docker", "stack"])
+async def test_every_runner_marks_its_build_steps(kind: str) -> None:
+    from seawall.protocol import STEP_HEADER
+
+    clock = ManualClock()
+    config = LoadConfig(runners=1)
+    wire = Scripted()
+    client = {
+        "naive": lambda: NaiveClient(wire, config),
+        "docker": lambda: DockerLikeClient(wire, clock=clock),
+        "stack": lambda: StackClient(wire),
+    }[kind]()
+    arrivals = [Arrival(0.0, "step", 9, 0, image=0)]
+    log = ObservationLog()
+    gen = LoadGenerator(_plan(arrivals), Catalog(images=2), [client], log, config, clock=clock)
+    await gen.run(clock.now())
+    assert [r.headers.get(STEP_HEADER) for r in wire.seen] == ["r0-s9"]
+    # the scripted "{}" is no manifest: the step failed, its layers count as failed requests
+    assert log.steps[0][2:] == ("failed", "manifest")
+    assert len(log.requests) == 1 + len(Catalog(images=2).images[0].layers)

@@ -35,6 +35,7 @@ import tenacity
 from seawall.clock import SYSTEM_CLOCK, Clock
 from seawall.errors import PolicyError
 from seawall.policy.base import check_int_at_least, check_non_negative, check_positive
+from seawall.protocol import STEP_HEADER
 from seawall.replay.metrics import ObservationLog
 from seawall.replay.profile import Schedule
 from seawall.replay.simulator import Catalog, SimConfig
@@ -59,7 +60,12 @@ BASE_URL = "http://registry.sim"
 @dataclass(frozen=True, slots=True)
 class LoadConfig:
     """The world outside seawall, the same in every scenario. Real seconds (nothing is
-    compressed, see docs/replay.md "One time scale")."""
+    compressed, see docs/replay.md "One time scale").
+
+    ``mark_steps``: the CI runner labels every request of a build step with
+    ``x-seawall-step`` (a CI system knows its steps), in every scenario; servers that do
+    not read it ignore it. seawall's client faces cannot send it yet, so the runner does.
+    """
 
     runners: int = 4
     on_time: float = 10.0
@@ -72,6 +78,7 @@ class LoadConfig:
     naive_attempt_timeout: float = 2.0
     naive_retries: int = 3
     cache_scope: str = "shared"
+    mark_steps: bool = True
 
     def __post_init__(self) -> None:
         check_int_at_least("runners", self.runners, 1)
@@ -87,6 +94,8 @@ class LoadConfig:
         check_non_negative("drain_seconds", self.drain_seconds)
         check_positive("naive_attempt_timeout", self.naive_attempt_timeout)
         check_int_at_least("naive_retries", self.naive_retries, 0)
+        if not isinstance(self.mark_steps, bool):
+            raise PolicyError("mark_steps", self.mark_steps, "must be true or false")
         if self.cache_scope not in ("shared", "runner"):
             raise PolicyError("cache_scope", self.cache_scope, "is not 'shared' or 'runner'")
 
@@ -477,10 +486,13 @@ class LoadGenerator:
         records: list[tuple[str, bool, float | None]] = []
         ok = False
         reason = "cancelled"
+        marks = (
+            {STEP_HEADER: f"r{arrival.runner}-s{arrival.ident}"} if self.config.mark_steps else None
+        )
         try:
             async with asyncio.timeout(self.config.step_timeout):
                 t = self.clock.now()
-                response = await client.request("GET", image.path)
+                response = await client.request("GET", image.path, headers=marks)
                 layers: list[str] = []
                 good = response is not None and response.status_code == 200
                 if good and response is not None:
@@ -495,7 +507,7 @@ class LoadGenerator:
                 else:
                     gate = asyncio.Semaphore(self.config.layer_concurrency)
                     results = await asyncio.gather(
-                        *(self._layer(client, image.name, d, gate, records) for d in layers)
+                        *(self._layer(client, image.name, d, gate, records, marks) for d in layers)
                     )
                     ok = all(results)
                     reason = "ok" if ok else "layer"
@@ -522,6 +534,7 @@ class LoadGenerator:
         digest: str,
         gate: asyncio.Semaphore,
         records: list[tuple[str, bool, float | None]],
+        marks: dict[str, str] | None,
     ) -> bool:
         """Pull one layer (unless the local store has it) and verify its digest."""
         if client.has_layer(digest):
@@ -529,7 +542,7 @@ class LoadGenerator:
             return True
         async with gate:
             t = self.clock.now()
-            response = await client.request("GET", f"/v2/{repo}/blobs/{digest}")
+            response = await client.request("GET", f"/v2/{repo}/blobs/{digest}", headers=marks)
             good = (
                 response is not None
                 and response.status_code == 200
