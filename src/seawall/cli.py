@@ -178,7 +178,8 @@ def _replay(args: argparse.Namespace) -> int:
             label,
             *(format_cell(summary.medians[n], summary.spreads[n], key, fmt) for n in names),
         )
-    out_console = Console()
+    # wide enough for every scenario's column: a squeezed table is unreadable in CI logs
+    out_console = Console(width=max(100, 34 + 16 * len(names)))
     out_console.print(table)
     if args.json:
         write_json(summary, args.json)
