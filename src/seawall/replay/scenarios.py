@@ -35,16 +35,22 @@ from typing import Any
 import httpx
 from starlette.types import ASGIApp
 
-from seawall.asgi.cache import FallbackCacheMiddleware
-from seawall.asgi.ratelimit import RateLimitMiddleware
-from seawall.asgi.shed import LoadShedMiddleware
-from seawall.cache import FallbackCache
-from seawall.client.cache import FallbackCacheTransport
-from seawall.client.httpx import ResilientTransport
-from seawall.clock import SYSTEM_CLOCK, Clock
-from seawall.errors import PolicyError
-from seawall.events import EventBus
-from seawall.policy import ClientPolicy, Policies
+# only the public API (seawall's re-exports), so the lab keeps working as the library's
+# modules are reorganised
+from seawall import (
+    SYSTEM_CLOCK,
+    ClientPolicy,
+    Clock,
+    EventBus,
+    FallbackCache,
+    FallbackCacheMiddleware,
+    FallbackCacheTransport,
+    LoadShedMiddleware,
+    Policies,
+    PolicyError,
+    RateLimitMiddleware,
+    ResilientTransport,
+)
 from seawall.replay.load import (
     BASE_URL,
     Client,
