@@ -182,3 +182,27 @@ def test_median_and_spread_over_seeds() -> None:
     assert median["crashes"] == 0 and spread["crashes"] == [0, 2]
     assert median["seeds"] == 3
     assert math.isfinite(median["p99_ms"])
+
+
+def test_no_verdict_on_an_invalid_run() -> None:
+    from seawall.replay.report import summarize_seeds
+    from seawall.replay.runner import ReplayResult, plan_for
+
+    profile = load_profile("december-2022")
+    plan = plan_for(profile, quick=True, seed=1)
+
+    def replay(**valid: bool) -> ReplayResult:
+        results = [_result(n, valid=v) for n, v in valid.items()]
+        return ReplayResult(profile, profile.schedule(quick=True), True, 1, plan, results=results)
+
+    both = summarize_seeds([replay(unprotected=False, conventional=True, seawall=True)] * 2)
+    assert not both.valid  # the set is invalid (exit 3) ...
+    assert {c.scenario for c in both.checks} == {"seawall"}  # ... seawall's runs are not
+    assert both.invalid() == [
+        {"seed": 1, "scenario": "unprotected", "reasons": []},
+        {"seed": 1, "scenario": "unprotected", "reasons": []},
+    ]
+    one_bad = replay(unprotected=True, conventional=True, seawall=False)
+    assert summarize_seeds([replay(conventional=True, seawall=True), one_bad]).checks == []
+    no_base = summarize_seeds([replay(conventional=False, seawall=True)])
+    assert no_base.checks == []  # seawall's ratio reads conventional's invalid run

@@ -187,17 +187,20 @@ def _replay(args: argparse.Namespace) -> int:
     if args.out:
         path = write_report(summary, Path(args.out))
         out_console.print(f"report: {path}")
+    failed = [c for c in summary.checks if not c.ok]
+    for c in summary.checks:
+        mark = "[green]met[/green]" if c.ok else "[red]NOT MET[/red]"
+        out_console.print(f"{mark} {c.scenario}: {c.goal} (value {c.value})")
     if not summary.valid:
-        out_console.print("[red]INVALID run: no verdict[/red] (the harness was the bottleneck)")
+        # no verdict on an invalid run: its scenario's goals were not checked above
+        out_console.print(
+            "[red]INVALID runs: no verdict on them[/red] (the harness was the bottleneck)"
+        )
         for bad in summary.invalid():
             out_console.print(
                 f"  seed {bad['seed']} {bad['scenario']}: {'; '.join(bad['reasons'])}"
             )
         return EXIT_INVALID
-    failed = [c for c in summary.checks if not c.ok]
-    for c in summary.checks:
-        mark = "[green]met[/green]" if c.ok else "[red]NOT MET[/red]"
-        out_console.print(f"{mark} {c.scenario}: {c.goal} (value {c.value})")
     return EXIT_VERDICT if args.check and failed else EXIT_OK
 
 
