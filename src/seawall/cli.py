@@ -190,7 +190,8 @@ def _replay(args: argparse.Namespace) -> int:
     failed = [c for c in summary.checks if not c.ok]
     for c in summary.checks:
         mark = "[green]met[/green]" if c.ok else "[red]NOT MET[/red]"
-        out_console.print(f"{mark} {c.scenario}: {c.goal} (value {c.value})")
+        value = f"{c.value:.3g}" if isinstance(c.value, float) else c.value
+        out_console.print(f"{mark} {c.scenario}: {c.goal} (value {value})")
     if not summary.valid:
         # no verdict on an invalid run: its scenario's goals were not checked above
         out_console.print(
