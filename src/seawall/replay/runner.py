@@ -39,6 +39,7 @@ from seawall.replay.load import (
     BASE_URL,
     Client,
     CountingTransport,
+    DockerLikeClient,
     LoadConfig,
     LoadGenerator,
     Plan,
@@ -118,8 +119,8 @@ def time_constants(sim: SimConfig, load: LoadConfig) -> dict[str, float]:
         "request.timeout (webhook, upload)": load.request_timeout,
         **{f"webhook.redelivery[{i}]": w for i, w in enumerate(load.webhook_redelivery)},
         "naive.attempt_timeout": load.naive_attempt_timeout,
-        "docker.layer_wait_start": 5.0,
-        "docker.layer_wait_increment": 5.0,
+        "docker.layer_wait_start": DockerLikeClient.LAYER_WAIT_START,
+        "docker.layer_wait_increment": DockerLikeClient.LAYER_WAIT_INCREMENT,
         "drain": load.drain_seconds,
     }
 
