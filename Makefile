@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/seawall replay december-2022 --out replay-report --json replay-report/results.json
+	$(BIN)/seawall replay december-2022 --quick --jobs 4 --out replay-report --json replay-report/results.json
 
 # Real servers for the integration tests (tests/test_real_clients.py): the CNCF
 # distribution registry from Debian's docker-registry package (installing it needs root,

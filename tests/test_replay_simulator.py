@@ -185,6 +185,10 @@ async def test_asgi_face_serves_manifests_blobs_hooks_uploads() -> None:
             assert r.headers["docker-content-digest"] == (
                 "sha256:" + hashlib.sha256(r.content).hexdigest()
             )
+            etag = r.headers["etag"]
+            again = await client.get(img.path, headers={"if-none-match": etag})
+            assert again.status_code == 304 and again.content == b""  # a revalidation
+            assert (await client.get(img.path, headers={"if-none-match": '"x"'})).content
             digest = json.loads(r.content)["layers"][0]["digest"]
             blob = await client.get(f"/v2/{img.name}/blobs/{digest}")
             assert "sha256:" + hashlib.sha256(blob.content).hexdigest() == digest

@@ -1,21 +1,22 @@
-"""The offered load: build steps, webhook deliveries and attachment uploads, and their clients.
+"""The offered load and the world that sends it: CI runners, a webhook sender, an uploader.
 
 :func:`plan_load` turns a :class:`~seawall.replay.profile.Schedule` into a seeded list of
-arrivals (Poisson per class, images drawn from the catalog's Zipf popularity) plus the
-per-second *ideal*: what a perfect system could usefully answer, given the capacity and
-what a verified cache could serve without the upstream. The plan is the same for every
-scenario, so they are compared on exactly the same load.
+arrivals (Poisson per class, images drawn from the catalog's Zipf popularity) plus, per
+second, two ideals: the *cache-credited* one (what a perfect system could usefully answer
+given the capacity and what a shared verified cache could serve without the upstream) and
+the *raw-capacity* one (what the server alone could answer, no cache at all). The plan is
+the same for every scenario, so they are compared on exactly the same arrivals.
 
-:class:`LoadGenerator` plays the plan in real time. A build step pulls a manifest by tag,
-then its layers by digest (concurrently, verifying each sha256), and fails if any pull fails
-after its client's own retries or the step passes its deadline. Two kinds of client:
-
-- :class:`NaiveClient`: what CI runners do by default: fixed per-attempt timeout, three
-  immediate retries, no jitter, no breaker, no cache;
-- :class:`ProtectedClient`: one call through whatever transport stack the scenario built
-  (seawall's), marking each request with its build step (``x-seawall-step``) so a server face
-  can prefer steps already in progress. Its webhook deliveries that cannot go now are
-  deferred with an idempotency key and delivered later.
+:class:`LoadGenerator` is the world outside the library, identical in every scenario
+(:class:`LoadConfig`): a build step pulls a manifest by tag, then its layers by digest, at
+most ``layer_concurrency`` at a time (docker's ``max-concurrent-downloads``), verifying each
+sha256; it is *on time* if it succeeds within ``on_time`` seconds, *late* if it succeeds
+later, and *failed* if a pull fails for good or the CI gives up after ``step_timeout``. The
+webhook sender tries each delivery at once and again after each wait of
+``webhook_redelivery``, always with an ``Idempotency-Key``; the uploader sends each
+attachment once, with one too. What differs between scenarios is only the HTTP client each
+runner uses (:class:`NaiveClient`, :class:`DockerLikeClient`, :class:`StackClient`) and
+what stands in front of the server.
 """
 
 from __future__ import annotations
@@ -23,62 +24,78 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from hashlib import sha256
-from typing import Protocol
+from typing import Any, Protocol
 
 import httpx
+import tenacity
 
 from seawall.clock import SYSTEM_CLOCK, Clock
 from seawall.errors import PolicyError
 from seawall.policy.base import check_int_at_least, check_non_negative, check_positive
-from seawall.replay.metrics import Recorder
+from seawall.protocol import STEP_HEADER
+from seawall.replay.metrics import ObservationLog
 from seawall.replay.profile import Schedule
 from seawall.replay.simulator import Catalog, SimConfig
 
 __all__ = [
+    "BASE_URL",
     "Arrival",
+    "Client",
     "CountingTransport",
+    "DockerLikeClient",
     "LoadConfig",
     "LoadGenerator",
     "NaiveClient",
     "Plan",
-    "ProtectedClient",
+    "StackClient",
     "plan_load",
 ]
 
 BASE_URL = "http://registry.sim"
-STEP_HEADER = "x-seawall-step"
-PRIORITY_HEADER = "x-seawall-priority"
 
 
 @dataclass(frozen=True, slots=True)
 class LoadConfig:
-    """The clients' side of the replay. Times are simulated seconds (= wall seconds)."""
+    """The world outside seawall, the same in every scenario. Real seconds (nothing is
+    compressed, see docs/replay.md "One time scale").
+
+    ``mark_steps``: the CI runner labels every request of a build step with
+    ``x-seawall-step`` (a CI system knows its steps), in every scenario; servers that do
+    not read it ignore it. seawall's client faces cannot send it yet, so the runner does.
+    """
 
     runners: int = 4
-    step_deadline: float = 8.0
+    on_time: float = 10.0
+    step_timeout: float = 60.0
+    layer_concurrency: int = 3
+    request_timeout: float = 10.0
+    webhook_redelivery: tuple[float, ...] = (5.0, 10.0, 20.0)
+    upload_kib: int = 4
+    drain_seconds: float = 60.0
     naive_attempt_timeout: float = 2.0
     naive_retries: int = 3
-    webhook_deadline: float = 4.0
-    upload_kib: int = 4
-    drain_seconds: float = 3.0
-    webhook_drain_seconds: float = 10.0
-    redelivery_interval: float = 0.5
-    redelivery_batch: int = 8
     cache_scope: str = "shared"
+    mark_steps: bool = True
 
     def __post_init__(self) -> None:
         check_int_at_least("runners", self.runners, 1)
-        check_positive("step_deadline", self.step_deadline)
-        check_positive("naive_attempt_timeout", self.naive_attempt_timeout)
-        check_int_at_least("naive_retries", self.naive_retries, 0)
-        check_positive("webhook_deadline", self.webhook_deadline)
+        check_positive("on_time", self.on_time)
+        check_positive("step_timeout", self.step_timeout)
+        if self.step_timeout < self.on_time:
+            raise PolicyError("step_timeout", self.step_timeout, "must be at least on_time")
+        check_int_at_least("layer_concurrency", self.layer_concurrency, 1)
+        check_positive("request_timeout", self.request_timeout)
+        for i, wait in enumerate(self.webhook_redelivery):
+            check_non_negative(f"webhook_redelivery[{i}]", wait)
         check_int_at_least("upload_kib", self.upload_kib, 0)
         check_non_negative("drain_seconds", self.drain_seconds)
-        check_non_negative("webhook_drain_seconds", self.webhook_drain_seconds)
-        check_positive("redelivery_interval", self.redelivery_interval)
-        check_int_at_least("redelivery_batch", self.redelivery_batch, 1)
+        check_positive("naive_attempt_timeout", self.naive_attempt_timeout)
+        check_int_at_least("naive_retries", self.naive_retries, 0)
+        if not isinstance(self.mark_steps, bool):
+            raise PolicyError("mark_steps", self.mark_steps, "must be true or false")
         if self.cache_scope not in ("shared", "runner"):
             raise PolicyError("cache_scope", self.cache_scope, "is not 'shared' or 'runner'")
 
@@ -94,18 +111,25 @@ class Arrival:
 
 @dataclass(slots=True)
 class Plan:
-    """Arrivals plus the per-second ideal (see docs/replay.md, "the ideal and the bound")."""
+    """Arrivals plus the per-second ideals (see docs/replay.md, "The ideals and the bound")."""
 
     arrivals: list[Arrival]
     duration: float
     offered: list[float]  # logical requests offered, per second
-    cache_servable: list[float]  # of which a verified per-runner cache could serve
+    cache_servable: list[float]  # of which a verified shared cache could serve
     uncacheable_work: list[float]  # slot-seconds the rest needs
+    work: list[float]  # slot-seconds all of them need (no cache at all)
     slots: list[float]  # slot-seconds available per second
-    ideal: list[float]  # S + min(U, U * slots / work): best possible useful responses
+    ideal: list[float]  # S + min(U, U * slots / work(U)): the cache-credited ideal
+    ideal_raw: list[float]  # min(D, D * slots / work(D)): raw capacity, no cache credit
     steps: int = 0
     webhooks: int = 0
     uploads: int = 0
+
+    @property
+    def requests(self) -> int:
+        """Every planned logical request (each step's manifest and layers, hooks, uploads)."""
+        return round(sum(self.offered))
 
 
 def plan_load(
@@ -115,7 +139,7 @@ def plan_load(
     config: LoadConfig,
     seed: int,
 ) -> Plan:
-    """Seeded arrivals for the whole schedule and the ideal they allow."""
+    """Seeded arrivals for the whole schedule and the ideals they allow."""
     rng = random.Random(seed)
     svc = sim.service
     upload_service = svc.upload(config.upload_kib * 1024)
@@ -143,9 +167,10 @@ def plan_load(
     n = max(1, int(schedule.duration + 0.999))
     offered = [0.0] * n
     servable = [0.0] * n
-    work = [0.0] * n
+    work_u = [0.0] * n
+    work_all = [0.0] * n
     # cache-servable: a GET whose content was requested before. "shared" (default): by
-    # anyone, since a shared cache (the server face's) could serve it; "runner": by the
+    # anyone, since a shared cache in front of the server could serve it; "runner": by the
     # same runner only. Shared makes the ideal higher: it is the upper bound.
     shared: set[str] = set()
     seen: list[set[str]] = (
@@ -162,28 +187,35 @@ def plan_load(
             ]
             for key, cost in keys:
                 offered[b] += 1
+                work_all[b] += cost
                 if key in seen[a.runner]:
                     servable[b] += 1
                 else:
-                    work[b] += cost
+                    work_u[b] += cost
                     seen[a.runner].add(key)
         else:
+            cost = svc.webhook if a.kind == "webhook" else upload_service
             offered[b] += 1
-            work[b] += svc.webhook if a.kind == "webhook" else upload_service
+            work_all[b] += cost
+            work_u[b] += cost
     slots = [sim.slots * schedule.phase_at(b + 0.5).capacity for b in range(n)]
-    ideal = []
+    ideal: list[float] = []
+    ideal_raw: list[float] = []
     for b in range(n):
         u = offered[b] - servable[b]
-        served = u if work[b] <= slots[b] else u * slots[b] / work[b]
-        ideal.append(servable[b] + served)
+        ideal.append(servable[b] + (u if work_u[b] <= slots[b] else u * slots[b] / work_u[b]))
+        d = offered[b]
+        ideal_raw.append(d if work_all[b] <= slots[b] else d * slots[b] / work_all[b])
     return Plan(
         arrivals=arrivals,
         duration=schedule.duration,
         offered=offered,
         cache_servable=servable,
-        uncacheable_work=work,
+        uncacheable_work=work_u,
+        work=work_all,
         slots=slots,
         ideal=ideal,
+        ideal_raw=ideal_raw,
         steps=idents["step"],
         webhooks=idents["webhook"],
         uploads=idents["upload"],
@@ -194,20 +226,20 @@ def plan_load(
 
 
 class CountingTransport(httpx.AsyncBaseTransport):
-    """Counts every request that leaves the client for the server (retry amplification)."""
+    """Counts every request that leaves a client for the server (retry amplification)."""
 
-    def __init__(self, inner: httpx.AsyncBaseTransport, recorder: Recorder) -> None:
+    def __init__(self, inner: httpx.AsyncBaseTransport, log: ObservationLog) -> None:
         self.inner = inner
-        self.recorder = recorder
+        self.log = log
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        self.recorder.upstream_sent()
+        self.log.upstream_sent()
         try:
             response = await self.inner.handle_async_request(request)
         except BaseException:
-            self.recorder.upstream_answered(None)
+            self.log.upstream_answered(None)
             raise
-        self.recorder.upstream_answered(response.status_code)
+        self.log.upstream_answered(response.status_code)
         return response
 
     async def aclose(self) -> None:
@@ -215,89 +247,169 @@ class CountingTransport(httpx.AsyncBaseTransport):
 
 
 class Client(Protocol):
-    marks_steps: bool
-    defers_webhooks: bool
+    """What a runner, the webhook sender and the uploader send their requests through."""
 
-    async def fetch(
+    async def request(
         self,
         method: str,
         url: str,
         *,
-        deadline: float,
         headers: dict[str, str] | None = None,
         content: bytes | None = None,
-    ) -> httpx.Response | None: ...
+    ) -> httpx.Response | None:
+        """The final answer, or None when the client gave up (error, timeout)."""
+        ...
+
+    def has_layer(self, digest: str) -> bool:
+        """A local layer store already holds this layer (docker skips it)."""
+        ...
+
+    def keep_layer(self, digest: str) -> None: ...
 
     async def aclose(self) -> None: ...
 
 
-class NaiveClient:
-    """Fixed per-attempt timeout, immediate retries, no jitter, breaker or cache."""
+class _NoLayerStore:
+    def has_layer(self, digest: str) -> bool:
+        return False
 
-    marks_steps = False
-    defers_webhooks = False
+    def keep_layer(self, digest: str) -> None:
+        return None
+
+
+class NaiveClient(_NoLayerStore):
+    """Today's naive CI client, kept as the collapse witness: a fixed 2 s timeout per
+    attempt, three immediate retries on errors, 429 and 5xx, no jitter, breaker or cache."""
 
     def __init__(
-        self, transport: httpx.AsyncBaseTransport, config: LoadConfig, clock: Clock = SYSTEM_CLOCK
+        self,
+        transport: httpx.AsyncBaseTransport,
+        config: LoadConfig,
+        *,
+        base_url: str = BASE_URL,
     ) -> None:
-        self.http = httpx.AsyncClient(transport=transport, base_url=BASE_URL)
+        self.http = httpx.AsyncClient(transport=transport, base_url=base_url)
         self.config = config
-        self.clock = clock
 
-    async def fetch(
+    async def request(
         self,
         method: str,
         url: str,
         *,
-        deadline: float,
         headers: dict[str, str] | None = None,
         content: bytes | None = None,
     ) -> httpx.Response | None:
+        response: httpx.Response | None = None
         for _ in range(1 + self.config.naive_retries):
-            remaining = deadline - self.clock.now()
-            if remaining <= 0:
-                return None
             try:
-                async with asyncio.timeout(min(self.config.naive_attempt_timeout, remaining)):
+                async with asyncio.timeout(self.config.naive_attempt_timeout):
                     response = await self.http.request(
                         method, url, headers=headers, content=content
                     )
             except (TimeoutError, httpx.HTTPError):
+                response = None
                 continue
             if response.status_code < 500 and response.status_code != 429:
                 return response
-        return None
+        return response
 
     async def aclose(self) -> None:
         await self.http.aclose()
 
 
-class ProtectedClient:
-    """One call through the scenario's transport stack; retries are the stack's business."""
+class _RetryableStatus(Exception):
+    def __init__(self, response: httpx.Response) -> None:
+        super().__init__(response.status_code)
+        self.response = response
 
-    marks_steps = True
-    defers_webhooks = True
 
-    def __init__(self, transport: httpx.AsyncBaseTransport, clock: Clock = SYSTEM_CLOCK) -> None:
-        self.http = httpx.AsyncClient(transport=transport, base_url=BASE_URL)
+class DockerLikeClient:
+    """What docker does, on tenacity: a local layer store, and its real retry schedule.
+
+    moby's layer download (``distribution/xfer/download.go``): 5 attempts, waiting 5, 10,
+    15 and 20 s between them, on transport errors and 5xx; a 429 is not retried
+    (``errcode.ErrorCodeTooManyRequests`` is a ``DoNotRetry``). The manifest is fetched
+    once (a failed tag resolution fails the pull). Webhook and upload requests are sent
+    once: their senders' own schedules are the world's, not the client's. No per-attempt
+    timeout: docker's registry transport has none past the connect timeout.
+    """
+
+    LAYER_ATTEMPTS = 5
+    LAYER_WAIT_START = 5.0
+    LAYER_WAIT_INCREMENT = 5.0
+
+    def __init__(
+        self,
+        transport: httpx.AsyncBaseTransport,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        base_url: str = BASE_URL,
+    ) -> None:
+        self.http = httpx.AsyncClient(transport=transport, base_url=base_url)
         self.clock = clock
+        self.layers: set[str] = set()
 
-    async def fetch(
+    def has_layer(self, digest: str) -> bool:
+        return digest in self.layers
+
+    def keep_layer(self, digest: str) -> None:
+        self.layers.add(digest)
+
+    def layer_retrying(self) -> tenacity.AsyncRetrying:
+        return tenacity.AsyncRetrying(
+            stop=tenacity.stop_after_attempt(self.LAYER_ATTEMPTS),
+            wait=tenacity.wait_incrementing(
+                start=self.LAYER_WAIT_START, increment=self.LAYER_WAIT_INCREMENT
+            ),
+            retry=tenacity.retry_if_exception_type((_RetryableStatus, httpx.TransportError)),
+            sleep=self.clock.sleep,
+            reraise=True,
+        )
+
+    async def request(
         self,
         method: str,
         url: str,
         *,
-        deadline: float,
         headers: dict[str, str] | None = None,
         content: bytes | None = None,
     ) -> httpx.Response | None:
-        remaining = deadline - self.clock.now()
-        if remaining <= 0:
-            return None
         try:
-            async with asyncio.timeout(remaining):
-                return await self.http.request(method, url, headers=headers, content=content)
-        except Exception:  # timeouts, transport errors, a mechanism's "gave up" errors
+            if method == "GET" and "/blobs/" in url:
+                async for attempt in self.layer_retrying():
+                    with attempt:
+                        response = await self.http.request(method, url, headers=headers)
+                        if response.status_code >= 500:
+                            raise _RetryableStatus(response)
+                return response
+            return await self.http.request(method, url, headers=headers, content=content)
+        except _RetryableStatus as exc:
+            return exc.response
+        except httpx.HTTPError:
+            return None
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+
+class StackClient(_NoLayerStore):
+    """One call through a scenario's transport stack (seawall's client face): retries,
+    breaking and caching are the stack's business, never the lab's."""
+
+    def __init__(self, transport: httpx.AsyncBaseTransport, *, base_url: str = BASE_URL) -> None:
+        self.http = httpx.AsyncClient(transport=transport, base_url=base_url)
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: dict[str, str] | None = None,
+        content: bytes | None = None,
+    ) -> httpx.Response | None:
+        try:
+            return await self.http.request(method, url, headers=headers, content=content)
+        except Exception:  # transport errors, a mechanism's "gave up" errors
             return None  # (CancelledError is a BaseException: it propagates)
 
     async def aclose(self) -> None:
@@ -307,19 +419,12 @@ class ProtectedClient:
 # --------------------------------------------------------------------------- the generator
 
 
-@dataclass(order=True, slots=True)
-class _Deferred:
-    due: float
-    ident: int = field(compare=False)
-    offered_at: float = field(compare=False)
-    runner: int = field(compare=False)
-
-
 class LoadGenerator:
-    """Plays a :class:`Plan` in real time against a set of clients (one per runner).
+    """Plays a :class:`Plan` in real time against one client per runner.
 
-    Owns every task it starts: the request tasks and the webhook re-delivery loop end by
-    themselves (deadlines), and whatever is left after ``drain_seconds`` is cancelled.
+    Owns every task it starts; whatever is still running ``drain_seconds`` after the
+    profile ends is cancelled and counted as failed, so every planned request is recorded
+    exactly once (conservation, checked by the quick replay test).
     """
 
     def __init__(
@@ -327,97 +432,68 @@ class LoadGenerator:
         plan: Plan,
         catalog: Catalog,
         clients: list[Client],
-        recorder: Recorder,
+        log: ObservationLog,
         config: LoadConfig,
         *,
         clock: Clock = SYSTEM_CLOCK,
-        seed: int = 1,
     ) -> None:
         self.plan = plan
         self.catalog = catalog
         self.clients = clients
-        self.recorder = recorder
+        self.log = log
         self.config = config
         self.clock = clock
-        self.rng = random.Random(seed ^ 0x5EA)
         self.upload_body = b"a" * (config.upload_kib * 1024)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._hook_tasks: set[asyncio.Task[None]] = set()
-        self._redelivering = 0
-        self._deferred: list[_Deferred] = []
-        self.webhooks_deferred = 0
-        self.webhooks_redelivered = 0
-        self.webhooks_lost_client = 0
         self._t0 = 0.0
 
     async def run(self, t0: float) -> None:
         """Send every arrival at its time, then drain (bounded)."""
         self._t0 = t0
-        redeliver = asyncio.create_task(self._redeliver_loop())
         try:
             for arrival in self.plan.arrivals:
                 delay = t0 + arrival.at - self.clock.now()
                 if delay > 0:
                     await self.clock.sleep(delay)
+                self.log.drift(self.clock.now() - t0 - arrival.at)
                 task = asyncio.create_task(self._handle(arrival))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
-                if arrival.kind == "webhook":
-                    self._hook_tasks.add(task)
-                    task.add_done_callback(self._hook_tasks.discard)
             end = t0 + self.plan.duration
             if end > self.clock.now():
                 await self.clock.sleep(end - self.clock.now())
-            # drain: steps and uploads get drain_seconds; webhook deliveries (in flight or
-            # deferred) up to webhook_drain_seconds, since a deferred one is not lost
-            now = self.clock.now()
-            drain_until = now + self.config.drain_seconds
-            hooks_until = now + max(self.config.drain_seconds, self.config.webhook_drain_seconds)
-            while self._tasks or self._deferred or self._redelivering:
-                now = self.clock.now()
-                hooks_pending = self._deferred or self._hook_tasks or self._redelivering
-                if now >= hooks_until or (now >= drain_until and not hooks_pending):
-                    break
-                await self.clock.sleep(0.05)
+            drain_until = self.clock.now() + self.config.drain_seconds
+            while self._tasks and self.clock.now() < drain_until:
+                await self.clock.sleep(0.1)
         finally:
-            redeliver.cancel()
             pending = list(self._tasks)
             for task in pending:
                 task.cancel()
-            await asyncio.gather(redeliver, *pending, return_exceptions=True)
-            for item in self._deferred:
-                self.webhooks_lost_client += 1
-                self.recorder.request(
-                    "webhook", item.offered_at, ok=False, useful=False, latency=None
-                )
-            self._deferred.clear()
+            await asyncio.gather(*pending, return_exceptions=True)
 
-    async def _handle(self, arrival: Arrival) -> None:
+    def _handle(self, arrival: Arrival) -> Coroutine[Any, Any, None]:
         if arrival.kind == "step":
-            await self._step(arrival)
-        elif arrival.kind == "webhook":
-            await self._webhook(arrival.ident, arrival.runner, arrival.at, first=True)
-        else:
-            await self._upload(arrival)
+            return self._step(arrival)
+        if arrival.kind == "webhook":
+            return self._webhook(arrival)
+        return self._upload(arrival)
 
     async def _step(self, arrival: Arrival) -> None:
         client = self.clients[arrival.runner]
         image = self.catalog.images[arrival.image]
+        planned = 1 + len(image.layers)
         started = self.clock.now()
-        deadline = started + self.config.step_deadline
-        headers = (
-            {STEP_HEADER: f"r{arrival.runner}-s{arrival.ident}", PRIORITY_HEADER: "step"}
-            if client.marks_steps
-            else None
-        )
-        records: list[tuple[str, float, bool, float | None]] = []
-        layers: list[str] = []
+        records: list[tuple[str, bool, float | None]] = []
         ok = False
-        reason = "ok"
+        reason = "cancelled"
+        marks = (
+            {STEP_HEADER: f"r{arrival.runner}-s{arrival.ident}"} if self.config.mark_steps else None
+        )
         try:
-            async with asyncio.timeout(self.config.step_deadline):
+            async with asyncio.timeout(self.config.step_timeout):
                 t = self.clock.now()
-                response = await client.fetch("GET", image.path, deadline=deadline, headers=headers)
+                response = await client.request("GET", image.path, headers=marks)
+                layers: list[str] = []
                 good = response is not None and response.status_code == 200
                 if good and response is not None:
                     try:
@@ -425,127 +501,116 @@ class LoadGenerator:
                         layers = [layer["digest"] for layer in doc["layers"]]
                     except (ValueError, KeyError, TypeError):
                         good = False
-                records.append(("manifest", t - self._t0, good, self.clock.now() - t))
+                records.append(("manifest", good, self.clock.now() - t))
                 if not good:
                     reason = "manifest"
                 else:
+                    gate = asyncio.Semaphore(self.config.layer_concurrency)
                     results = await asyncio.gather(
-                        *(
-                            self._blob(client, image.name, d, deadline, headers, records)
-                            for d in layers
-                        )
+                        *(self._layer(client, image.name, d, gate, records, marks) for d in layers)
                     )
                     ok = all(results)
                     reason = "ok" if ok else "layer"
         except TimeoutError:
             ok = False
-            reason = "deadline"
-            # the pulls cut off by the deadline are logical requests that failed
-            unfinished = (1 + len(layers)) - len(records) if records else 1
-            waited = self.clock.now() - started
-            records.extend([("blob" if records else "manifest", 0.0, False, waited)] * unfinished)
-        # every request of a step is attributed to the step's planned arrival, so the
-        # per-second useful counts line up exactly with the plan's offered and ideal
-        for kind, _at, good, latency in records:
-            self.recorder.request(kind, arrival.at, ok=good, useful=good and ok, latency=latency)
-        self.recorder.step(started - self._t0, self.clock.now() - self._t0, ok, reason)
+            reason = "timeout"
+        finally:
+            ended = self.clock.now()
+            on_time = ok and ended - started <= self.config.on_time
+            # requests never answered (timeout, cancelled, layers after a failed manifest)
+            # are planned requests that failed: every planned request is recorded once
+            records.extend([("blob", False, None)] * (planned - len(records)))
+            for kind, good, latency in records[:planned]:
+                self.log.request(
+                    kind, arrival.at, ok=good, useful=good and on_time, latency=latency
+                )
+            outcome = "on_time" if on_time else "late" if ok else "failed"
+            self.log.step(arrival.at, ended - self._t0, outcome, reason)
 
-    async def _blob(
+    async def _layer(
         self,
         client: Client,
         repo: str,
         digest: str,
-        deadline: float,
-        headers: dict[str, str] | None,
-        records: list[tuple[str, float, bool, float | None]],
+        gate: asyncio.Semaphore,
+        records: list[tuple[str, bool, float | None]],
+        marks: dict[str, str] | None,
     ) -> bool:
-        """Pull one layer and verify its digest; the outcome goes to ``records`` at once."""
-        t = self.clock.now()
-        response = await client.fetch(
-            "GET", f"/v2/{repo}/blobs/{digest}", deadline=deadline, headers=headers
-        )
-        good = (
-            response is not None
-            and response.status_code == 200
-            and "sha256:" + sha256(response.content).hexdigest() == digest
-        )
-        records.append(("blob", t - self._t0, good, self.clock.now() - t))
+        """Pull one layer (unless the local store has it) and verify its digest."""
+        if client.has_layer(digest):
+            records.append(("blob", True, 0.0))
+            return True
+        async with gate:
+            t = self.clock.now()
+            response = await client.request("GET", f"/v2/{repo}/blobs/{digest}", headers=marks)
+            good = (
+                response is not None
+                and response.status_code == 200
+                and "sha256:" + sha256(response.content).hexdigest() == digest
+            )
+            records.append(("blob", good, self.clock.now() - t))
+        if good:
+            client.keep_layer(digest)
         return good
 
-    async def _webhook(self, ident: int, runner: int, offered_at: float, *, first: bool) -> bool:
-        client = self.clients[runner]
-        headers = {"idempotency-key": f"hook-{ident}"} if client.defers_webhooks else None
+    async def _attempt(
+        self, send: Callable[[], Awaitable[httpx.Response | None]]
+    ) -> httpx.Response | None:
+        try:
+            async with asyncio.timeout(self.config.request_timeout):
+                return await send()
+        except TimeoutError:
+            return None
+
+    async def _webhook(self, arrival: Arrival) -> None:
+        """The sender: at once, then after each redelivery wait, same key every time."""
+        client = self.clients[arrival.runner]
+        headers = {"idempotency-key": f"hook-{arrival.ident}"}
         t = self.clock.now()
-        response = await client.fetch(
-            "POST",
-            f"/hooks/{ident}",
-            deadline=t + self.config.webhook_deadline,
-            headers=headers,
-            content=b'{"event":"repo:push"}',
-        )
-        ok = response is not None and response.status_code == 200
-        if ok or not client.defers_webhooks:
-            self.recorder.request(
-                "webhook", offered_at, ok=ok, useful=ok, latency=self.clock.now() - t
-            )
-            if not ok:
-                self.webhooks_lost_client += 1
-            elif not first:
-                self.webhooks_redelivered += 1
-            return ok
-        if first:
-            self.webhooks_deferred += 1
-        retry_after = _retry_after(response)
-        self._defer(ident, runner, offered_at, retry_after)
-        return False
-
-    def _defer(self, ident: int, runner: int, offered_at: float, retry_after: float | None) -> None:
-        wait = retry_after if retry_after is not None else 1.0
-        wait = wait * (
-            0.5 + self.rng.random()
-        )  # jitter: deferred deliveries do not come back together
-        self._deferred.append(_Deferred(self.clock.now() + wait, ident, offered_at, runner))
-
-    async def _redeliver_loop(self) -> None:
-        """Deliver deferred webhooks later, a few at a time (the lab's owned task)."""
-        while True:
-            await self.clock.sleep(self.config.redelivery_interval)
-            now = self.clock.now()
-            due = [d for d in self._deferred if d.due <= now][: self.config.redelivery_batch]
-            if not due:
-                continue
-            for d in due:
-                self._deferred.remove(d)
-            self._redelivering = len(due)
-            try:
-                await asyncio.gather(
-                    *(self._webhook(d.ident, d.runner, d.offered_at, first=False) for d in due)
+        outcome = "lost"
+        try:
+            for attempt, wait in enumerate((0.0, *self.config.webhook_redelivery)):
+                if wait:
+                    await self.clock.sleep(wait)
+                response = await self._attempt(
+                    lambda: client.request(
+                        "POST",
+                        f"/hooks/{arrival.ident}",
+                        headers=headers,
+                        content=b'{"event":"repo:push"}',
+                    )
                 )
-            finally:
-                self._redelivering = 0
+                if response is not None and 200 <= response.status_code < 300:
+                    outcome = "on_time" if attempt == 0 else "late"
+                    break
+        finally:
+            ok = outcome != "lost"
+            self.log.request(
+                "webhook",
+                arrival.at,
+                ok=ok,
+                useful=outcome == "on_time",
+                latency=self.clock.now() - t,
+            )
+            self.log.delivery("webhook", outcome)
 
     async def _upload(self, arrival: Arrival) -> None:
+        """The uploader: one PUT with an idempotency key (its URL is idempotent anyway)."""
         client = self.clients[arrival.runner]
-        headers = {"idempotency-key": f"upload-{arrival.ident}"} if client.marks_steps else None
+        headers = {"idempotency-key": f"upload-{arrival.ident}"}
         t = self.clock.now()
-        response = await client.fetch(
-            "PUT",
-            f"/attachments/{arrival.ident}",
-            deadline=t + self.config.webhook_deadline,
-            headers=headers,
-            content=self.upload_body,
-        )
-        ok = response is not None and response.status_code == 200
-        self.recorder.request("upload", arrival.at, ok=ok, useful=ok, latency=self.clock.now() - t)
-
-
-def _retry_after(response: httpx.Response | None) -> float | None:
-    if response is None:
-        return None
-    value = response.headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None
+        ok = False
+        try:
+            response = await self._attempt(
+                lambda: client.request(
+                    "PUT",
+                    f"/attachments/{arrival.ident}",
+                    headers=headers,
+                    content=self.upload_body,
+                )
+            )
+            ok = response is not None and response.status_code == 200
+        finally:
+            latency = self.clock.now() - t
+            self.log.request("upload", arrival.at, ok=ok, useful=ok, latency=latency)
+            self.log.delivery("upload", "on_time" if ok else "lost")

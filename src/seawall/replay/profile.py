@@ -2,12 +2,19 @@
 
 A profile gives phases on the incident's own clock (``"10:07"``): from each phase's ``at``
 until the next one, the offered load of each traffic class as a multiple of the server's
-*base* capacity, and the server's capacity as a fraction of its base. ``[timeline]`` says
-how much the clock is compressed (``seconds_per_hour`` simulated seconds per incident hour;
-``quick_seconds_per_hour`` for ``--quick``) and which window is "the surge" in the metrics.
+*base* capacity, and the server's capacity as a fraction of its base. Each phase says how
+many seconds it runs (``seconds``; ``quick_seconds`` for ``--quick``).
+
+One time scale: a run is never compressed. A second of a run is a real second for the
+simulator, the clients and seawall alike, so every time constant (service times, restart,
+freshness, Retry-After, breaker open time, budget windows, docker's retry waits) keeps its
+real value. What is shorter than the incident is the profile: an incident hour becomes a
+phase of a minute or two, as a shorter incident with the same shape. The incident clock
+only labels the charts.
 Events mark moments on the charts (``kind = "mark"``) or restart the server
 (``kind = "restart"``, the operator's restart of the incident). An optional ``[server]``
-table overrides :class:`~seawall.replay.simulator.SimConfig` fields. See docs/replay.md.
+table overrides :class:`~seawall.replay.simulator.SimConfig` fields, an optional ``[catalog]``
+table the :class:`~seawall.replay.simulator.Catalog` (images, popularity). See docs/replay.md.
 
 Every mistake is a :class:`~seawall.errors.PolicyError` naming the field, e.g.
 ``phase[2].builds: -1 must be a finite number of at least 0``.
@@ -24,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from seawall.errors import PolicyError
-from seawall.policy.base import check_non_negative, check_positive
+from seawall.policy.base import check_int_at_least, check_non_negative, check_positive
 
 __all__ = [
     "CLASSES",
@@ -41,23 +48,44 @@ CLASSES = ("builds", "webhooks", "uploads")
 """Traffic classes a phase sets, each as a multiple of the base capacity."""
 
 _TIME = re.compile(r"^([01]?\d|2[0-3]):([0-5]\d)$")
-_TOP_KEYS = {"name", "title", "description", "timeline", "server", "phase", "event", "goals"}
-_TIMELINE_KEYS = {"start", "end", "seconds_per_hour", "quick_seconds_per_hour", "surge"}
-_PHASE_KEYS = {"at", "name", "note", "capacity", "quick_seconds_per_hour", *CLASSES}
+_TOP_KEYS = {
+    "name",
+    "title",
+    "description",
+    "timeline",
+    "server",
+    "catalog",
+    "phase",
+    "event",
+    "goals",
+}
+_CATALOG_KEYS = {"images", "bases", "runtimes", "zipf_s"}
+_TIMELINE_KEYS = {"start", "end", "surge"}
+_PHASE_KEYS = {"at", "name", "note", "capacity", "seconds", "quick_seconds", *CLASSES}
+_COMPRESSION_KEYS = {"seconds_per_hour", "quick_seconds_per_hour"}
+_NOT_COMPRESSED = (
+    "is no longer a setting: runs are not compressed; give each [[phase]] its length "
+    "in real seconds (seconds = 60, quick_seconds = 15), see docs/replay.md"
+)
 _EVENT_KEYS = {"at", "kind", "label"}
 _EVENT_KINDS = ("mark", "restart")
 
 
 @dataclass(frozen=True, slots=True)
 class Phase:
-    """From ``at`` (incident hours) until the next phase: offered load and capacity."""
+    """From ``at`` (incident hours) until the next phase: offered load and capacity.
+
+    ``seconds`` (``quick_seconds`` under ``--quick``) is how long the phase runs, in real
+    seconds.
+    """
 
     at: float
     name: str
     load: Mapping[str, float]
+    seconds: float
+    quick_seconds: float
     capacity: float = 1.0
     note: str = ""
-    quick_seconds_per_hour: float | None = None  # this phase's own --quick compression
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,18 +104,16 @@ class Profile:
     description: str
     start: float
     end: float
-    seconds_per_hour: float
-    quick_seconds_per_hour: float
     surge: tuple[float, float]
     phases: tuple[Phase, ...]
     events: tuple[ProfileEvent, ...]
     server: Mapping[str, Any]
     goals: Mapping[str, float] = field(default_factory=dict)
+    catalog: Mapping[str, Any] = field(default_factory=dict)
 
     def schedule(self, *, quick: bool = False) -> Schedule:
-        """The profile in simulated seconds from the start of the run."""
-        sph = self.quick_seconds_per_hour if quick else self.seconds_per_hour
-        return Schedule(self, sph, quick=quick)
+        """The profile in seconds from the start of the run."""
+        return Schedule(self, quick=quick)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,25 +124,23 @@ class Segment:
 
 
 class Schedule:
-    """A profile mapped to simulated seconds: what is offered and what capacity, when."""
+    """A profile mapped to run seconds: what is offered and what capacity, when."""
 
-    def __init__(self, profile: Profile, seconds_per_hour: float, *, quick: bool = False) -> None:
+    def __init__(self, profile: Profile, *, quick: bool = False) -> None:
         self.profile = profile
-        self.seconds_per_hour = seconds_per_hour
-        # piecewise-linear clock: (incident hour, simulated second, seconds per hour) per
-        # phase, since a phase may be compressed more in --quick than the others
+        self.quick = quick
+        # piecewise-linear incident clock for the labels: (incident hour, run second, run
+        # seconds per incident hour) per phase, since phases are shortened differently
         self._knots: list[tuple[float, float, float]] = []
         t = 0.0
         for i, ph in enumerate(profile.phases):
-            rate = (
-                ph.quick_seconds_per_hour
-                if quick and ph.quick_seconds_per_hour
-                else seconds_per_hour
-            )
-            self._knots.append((ph.at, t, rate))
             end = profile.phases[i + 1].at if i + 1 < len(profile.phases) else profile.end
-            t += (end - ph.at) * rate
+            length = ph.quick_seconds if quick else ph.seconds
+            self._knots.append((ph.at, t, length / (end - ph.at)))
+            t += length
         self.duration = t
+        self.seconds_per_hour = t / (profile.end - profile.start)
+        """Run seconds per incident hour, on average (labels only: nothing is compressed)."""
         self.segments: list[Segment] = []
         for i, ph in enumerate(profile.phases):
             end = profile.phases[i + 1].at if i + 1 < len(profile.phases) else profile.end
@@ -190,6 +214,11 @@ def _unknown(where: str, data: Mapping[str, Any], known: set[str]) -> None:
             )
 
 
+def _compressed(where: str, data: Mapping[str, Any]) -> None:
+    for key in _COMPRESSION_KEYS & set(data):
+        raise PolicyError(f"{where}{key}", data[key], _NOT_COMPRESSED)
+
+
 def _table(field: str, value: Any) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
         raise PolicyError(field, value, "is not a table")
@@ -201,15 +230,12 @@ def parse_profile(data: Mapping[str, Any], *, default_name: str = "profile") -> 
     _unknown("", data, _TOP_KEYS)
     name = _str("name", data.get("name"), default_name)
     tl = _table("timeline", data.get("timeline"))
+    _compressed("timeline.", tl)
     _unknown("timeline.", tl, _TIMELINE_KEYS)
     start = _time("timeline.start", tl.get("start"))
     end = _time("timeline.end", tl.get("end"))
     if end <= start:
         raise PolicyError("timeline.end", tl.get("end"), "must be after timeline.start")
-    sph = tl.get("seconds_per_hour", 10.0)
-    check_positive("timeline.seconds_per_hour", sph)
-    qsph = tl.get("quick_seconds_per_hour", sph / 4)
-    check_positive("timeline.quick_seconds_per_hour", qsph)
     surge_raw = tl.get("surge")
     if not isinstance(surge_raw, list) or len(surge_raw) != 2:
         raise PolicyError(
@@ -226,6 +252,7 @@ def parse_profile(data: Mapping[str, Any], *, default_name: str = "profile") -> 
     for i, raw in enumerate(raw_phases):
         where = f"phase[{i}]."
         raw = _table(f"phase[{i}]", raw)
+        _compressed(where, raw)
         _unknown(where, raw, _PHASE_KEYS)
         at = _time(f"{where}at", raw.get("at"))
         if i == 0 and at != start:
@@ -245,17 +272,21 @@ def parse_profile(data: Mapping[str, Any], *, default_name: str = "profile") -> 
         check_positive(f"{where}capacity", capacity)
         if capacity > 10:
             raise PolicyError(f"{where}capacity", capacity, "must be at most 10 (x base capacity)")
-        phase_quick = raw.get("quick_seconds_per_hour")
-        if phase_quick is not None:
-            check_positive(f"{where}quick_seconds_per_hour", phase_quick)
+        if "seconds" not in raw:
+            raise PolicyError(f"{where}seconds", None, "is required: how long the phase runs")
+        seconds = raw["seconds"]
+        check_positive(f"{where}seconds", seconds)
+        quick = raw.get("quick_seconds", seconds / 4)
+        check_positive(f"{where}quick_seconds", quick)
         phases.append(
             Phase(
                 at=at,
                 name=_str(f"{where}name", raw.get("name"), f"phase {i}"),
                 load=load,
+                seconds=float(seconds),
+                quick_seconds=float(quick),
                 capacity=float(capacity),
                 note=_str(f"{where}note", raw.get("note")),
-                quick_seconds_per_hour=None if phase_quick is None else float(phase_quick),
             )
         )
 
@@ -279,19 +310,25 @@ def parse_profile(data: Mapping[str, Any], *, default_name: str = "profile") -> 
     server = dict(_table("server", server))
     _check_server(server)
     goals = _goals(data.get("goals", {}))
+    catalog = dict(_table("catalog", data.get("catalog", {})))
+    _unknown("catalog.", catalog, _CATALOG_KEYS)
+    for key in ("images", "bases", "runtimes"):
+        if key in catalog:
+            check_int_at_least(f"catalog.{key}", catalog[key], 1)
+    if "zipf_s" in catalog:
+        check_non_negative("catalog.zipf_s", catalog["zipf_s"])
     return Profile(
         name=name,
         title=_str("title", data.get("title"), name),
         description=_str("description", data.get("description")),
         start=start,
         end=end,
-        seconds_per_hour=float(sph),
-        quick_seconds_per_hour=float(qsph),
         surge=surge,
         phases=tuple(phases),
         events=tuple(events),
         server=server,
         goals=goals,
+        catalog=catalog,
     )
 
 
