@@ -616,8 +616,9 @@ def classify_exception(exc: BaseException, policy: BreakerPolicy | None = None) 
     * ``asyncio.CancelledError`` (the caller gave up, or a caller-side timeout) and other
       non-``Exception`` exits (KeyboardInterrupt, SystemExit, GeneratorExit): NEUTRAL.
     * :class:`CircuitOpenError` from a nested breaker: NEUTRAL (nothing reached upstream).
-    * An exception that carries an HTTP response (``httpx.HTTPStatusError``,
-      ``requests.HTTPError``): its status decides, by :func:`classify_status`.
+    * An exception that carries an HTTP status (:func:`status_of_exception`: an SDK's
+      own error, ``httpx.HTTPStatusError``, ``requests.HTTPError``): the status decides,
+      by :func:`classify_status`.
     * Everything else is a FAILURE: timeouts, connection errors (``httpx.TransportError``,
       ``OSError``, ``TimeoutError``, ``requests.ConnectionError``/``Timeout``) and, on
       purpose, unknown exceptions: an SDK's own error types usually wrap a failed fetch,
@@ -628,11 +629,21 @@ def classify_exception(exc: BaseException, policy: BreakerPolicy | None = None) 
         return Outcome.NEUTRAL
     if isinstance(exc, CircuitOpenError):
         return Outcome.NEUTRAL
-    response = getattr(exc, "response", None)
-    status = getattr(response, "status_code", None) if response is not None else None
-    if isinstance(status, int) and not isinstance(status, bool):
+    status = status_of_exception(exc)
+    if status is not None:
         return classify_status(status, policy)
     return Outcome.FAILURE
+
+
+def status_of_exception(exc: BaseException) -> int | None:
+    """The HTTP status an exception carries: its own ``status_code`` / ``status`` (an
+    SDK's error) or its ``response``'s (``httpx.HTTPStatusError``, ``requests.HTTPError``)."""
+    for holder in (exc, getattr(exc, "response", None)):
+        for attr in ("status_code", "status"):
+            value = getattr(holder, attr, None)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+    return None
 
 
 class BreakerRegistry:

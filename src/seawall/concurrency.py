@@ -94,33 +94,46 @@ class SyncEvent:
 class AsyncSemaphore:
     """A bulkhead: ``acquire`` waits at most ``timeout`` seconds (None: for ever)."""
 
-    __slots__ = ("_sem",)
+    __slots__ = ("_sem", "in_use")
 
     def __init__(self, value: int) -> None:
         self._sem = asyncio.Semaphore(value)
+        self.in_use = 0  # slots taken (a bulkhead in use is never forgotten)
 
-    async def acquire(self, timeout: float | None) -> bool:
+    async def acquire(self, timeout: float | None, clock: Clock) -> bool:
+        """True once a slot is taken; False after ``timeout`` s of ``clock`` without one."""
         try:
-            async with asyncio.timeout(timeout):
+            async with clock.timeout(timeout):
                 await self._sem.acquire()
         except TimeoutError:
             return False
+        self.in_use += 1
         return True
 
     def release(self) -> None:
+        self.in_use -= 1
         self._sem.release()
 
 
 class SyncSemaphore:
-    __slots__ = ("_sem",)
+    __slots__ = ("_count", "_sem", "in_use")
 
     def __init__(self, value: int) -> None:
         self._sem = threading.BoundedSemaphore(value)
+        self._count = threading.Lock()
+        self.in_use = 0
 
-    def acquire(self, timeout: float | None) -> bool:
-        return self._sem.acquire(timeout=timeout)
+    def acquire(self, timeout: float | None, clock: Clock) -> bool:
+        """A thread waits on the real clock: ``clock`` cannot interrupt it."""
+        if not self._sem.acquire(timeout=timeout):
+            return False
+        with self._count:
+            self.in_use += 1
+        return True
 
     def release(self) -> None:
+        with self._count:
+            self.in_use -= 1
         self._sem.release()
 
 
@@ -157,6 +170,7 @@ class AsyncTasks:
     """Background work owned by the object that starts it and cancelled by its ``aclose``."""
 
     __slots__ = ("_tasks",)
+    background = True
 
     def __init__(self) -> None:
         self._tasks: set[asyncio.Task[None]] = set()
@@ -183,9 +197,11 @@ class AsyncTasks:
 
 
 class SyncTasks:
-    """A sync caller has no loop to work in the background: the work runs now, inline."""
+    """A sync caller has no loop to work in the background: the work runs now, inline
+    (``background`` False: a caller that can wait for it does the work itself)."""
 
     __slots__ = ()
+    background = False
 
     def start(self, work: Callable[[], None]) -> None:
         with contextlib.suppress(Exception):

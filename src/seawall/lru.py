@@ -1,5 +1,7 @@
 """One bounded, thread-safe map of per-key state (per host, per client): least recently
-used keys are forgotten first, so a crawler of many hosts cannot grow it without bound."""
+used keys are forgotten first, so a crawler of many hosts cannot grow it without bound.
+State that is in use (a bulkhead with slots taken, a pacer with slots reserved) is never
+forgotten: forgetting it would hand out a fresh one and break the limit it keeps."""
 
 from __future__ import annotations
 
@@ -17,14 +19,22 @@ V = TypeVar("V")
 class BoundedMap(Generic[K, V]):
     """``get(key)`` returns the key's value, made by ``factory(key)`` on first use."""
 
-    __slots__ = ("_data", "_factory", "_lock", "_max")
+    __slots__ = ("_busy", "_data", "_factory", "_lock", "_max")
 
-    def __init__(self, factory: Callable[[K], V], max_size: int) -> None:
+    _SCAN = 64  # how many of the oldest entries to try before keeping one over the bound
+
+    def __init__(
+        self,
+        factory: Callable[[K], V],
+        max_size: int,
+        busy: Callable[[V], bool] | None = None,
+    ) -> None:
         if max_size < 1:
             raise ValueError(f"max_size must be at least 1: {max_size!r}")
         self._data: OrderedDict[K, V] = OrderedDict()
         self._factory = factory
         self._max = max_size
+        self._busy = busy
         self._lock = threading.Lock()
 
     def get(self, key: K) -> V:
@@ -33,10 +43,19 @@ class BoundedMap(Generic[K, V]):
             if value is None:
                 value = self._data[key] = self._factory(key)
                 if len(self._data) > self._max:
-                    self._data.popitem(last=False)
+                    self._forget_one(key)
             else:
                 self._data.move_to_end(key)
             return value
+
+    def _forget_one(self, newest: K) -> None:
+        busy = self._busy
+        for i, (key, value) in enumerate(self._data.items()):
+            if i >= self._SCAN or key == newest:
+                return  # everything old is in use: over the bound until some is free
+            if busy is None or not busy(value):
+                del self._data[key]
+                return
 
     def __len__(self) -> int:
         return len(self._data)

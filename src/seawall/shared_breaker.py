@@ -344,7 +344,7 @@ class SharedBreakerState:
                 backoff = min(5.0, backoff * 2)
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis 8
 
     def _on_message(self, data: Any) -> None:
         text = data.decode() if isinstance(data, bytes) else str(data)

@@ -33,7 +33,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from seawall.cache._async.io import AsyncCacheRecorder
-from seawall.cache.fallback import FallbackCache, Hit
+from seawall.cache.fallback import CacheCorruptError, FallbackCache, Hit
 from seawall.cache.freshness import is_artifact, is_per_client_field, shared_cache_allowed
 from seawall.cache.keys import RequestInfo, RequestKey, is_credential_header
 from seawall.clock import SYSTEM_CLOCK, Clock
@@ -195,7 +195,18 @@ class FallbackCacheMiddleware:
             return True
         return any(p.search(path) for p in self._store_paths)
 
-    async def _serve(self, send: Send, hit: Hit, head: bool, reason: str) -> None:
+    async def _serve(self, send: Send, hit: Hit, head: bool, reason: str) -> bool:
+        """Answer with the stored copy; False (nothing sent) when it cannot be read after
+        all: the first chunk is pulled before the response starts."""
+        chunks = None if head else self.cache.body(hit)
+        first = b""
+        if chunks is not None:
+            try:
+                first = await chunks.__anext__()
+            except StopAsyncIteration:
+                chunks = None  # an empty body
+            except (CacheCorruptError, OSError):
+                return False
         headers = [(k, v) for k, v in self.cache.served(hit, reason=reason)]
         await send(
             {
@@ -208,12 +219,13 @@ class FallbackCacheMiddleware:
                 ],
             }
         )
-        if head:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-            return
-        async for chunk in self.cache.body(hit):
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        if first:
+            await send({"type": "http.response.body", "body": first, "more_body": True})
+        if chunks is not None:
+            async for chunk in chunks:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("GET", "HEAD"):
@@ -224,9 +236,11 @@ class FallbackCacheMiddleware:
         ex = _Exchange(scope, cache, self._keys)
         if cache.clock.now() < self._shedding_until and ex.key.digest is not None:
             hit = await ex.lookup()  # verified against its digest before serving
-            if hit is not None and hit.immutable:
-                await self._serve(send, hit, head, "overloaded")
-                return
+            served = hit is not None and hit.immutable and await self._serve(
+                send, hit, head, "overloaded"
+            )
+            if served:
+                return  # else: no copy, or it went away since its lookup: ask the app
 
         async def send_wrapper(message: Message) -> None:
             kind = message["type"]
@@ -235,9 +249,13 @@ class FallbackCacheMiddleware:
             if kind == "http.response.start":
                 if self._falls_back(message):
                     hit = await ex.lookup()
-                    if hit is not None and hit.usable_on_error:
+                    reason = f"status {message['status']}"
+                    if (
+                        hit is not None
+                        and hit.usable_on_error
+                        and await self._serve(send, hit, head, reason)
+                    ):
                         ex.answered = True
-                        await self._serve(send, hit, head, f"status {message['status']}")
                         return
                 # Only a complete 200 is ever stored, and a blob already stored needs
                 # nothing at all: no header decoding, no hashing, no copy.
@@ -275,9 +293,12 @@ class FallbackCacheMiddleware:
                 return  # already answered from the cache; the app's late failure is moot
             if not ex.started:
                 hit = await ex.lookup()
-                if hit is not None and hit.usable_on_error:
+                if (
+                    hit is not None
+                    and hit.usable_on_error
+                    and await self._serve(send, hit, head, "app raised")
+                ):
                     ex.answered = True
-                    await self._serve(send, hit, head, "app raised")
                     return
             raise
         finally:

@@ -92,7 +92,7 @@ def _read(scope: Scope, method: str) -> _Request:
         body: int | None = length
     elif chunked:
         body = None
-    elif scope.get("http_version", "1.1").startswith("2") and method not in _READS:
+    elif scope.get("http_version", "1.1").startswith(("2", "3")) and method not in _READS:
         body = None  # HTTP/2 and 3 may send a body without any length
     else:
         body = 0

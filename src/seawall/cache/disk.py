@@ -24,6 +24,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import IO, Any
 
 from seawall.cache.store import (
@@ -40,9 +41,22 @@ from seawall.events import DEFAULT_BUS, EventBus
 
 __all__ = ["DiskStore"]
 
+fcntl: ModuleType | None
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None
+
 _MAGIC = b"SEAWALL1"
 _TRAILER = struct.Struct(">QQ8s")
 _BLOCK = 1024 * 1024
+
+
+def _lock(f: IO[bytes], *, shared: bool) -> None:
+    """An advisory lock on an entry file until it is closed (threads and processes that
+    share the directory); a no-op where the platform has no ``fcntl``."""
+    if fcntl is not None:
+        fcntl.flock(f.fileno(), fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
 
 
 class DiskStore(Store):
@@ -194,6 +208,7 @@ class DiskStore(Store):
         path = self._path(name)
         try:
             with open(path, "rb") as f:
+                _lock(f, shared=True)  # replace_meta rewrites the tail in place
                 end = f.seek(0, os.SEEK_END)
                 if end < _TRAILER.size:
                     raise ValueError("too short")
@@ -311,6 +326,7 @@ class DiskStore(Store):
         meta_bytes = json.dumps({"key": key, "meta": meta}, separators=(",", ":")).encode()
         try:
             with open(self._path(name), "r+b") as f:
+                _lock(f, shared=False)  # readers of the tail wait for the whole of it
                 f.seek(body_len)
                 f.write(meta_bytes)
                 f.write(_TRAILER.pack(body_len, len(meta_bytes), _MAGIC))

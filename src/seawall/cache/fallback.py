@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from seawall.cache.freshness import (
     Freshness,
     State,
+    content_length,
     evaluate,
     freshness_for,
     is_storable_request,
@@ -379,8 +380,8 @@ class FallbackCache:
             return None
         if not self.store.writable:
             return None
-        length = next((v for k, v in headers if k.lower() == "content-length"), "")
-        if length.isdigit() and int(length) > self.store.max_entry_bytes:
+        length = content_length(headers)
+        if length is not None and length > self.store.max_entry_bytes:
             return None  # would be dropped at the bound anyway: do not buffer it at all
         vary = parse_vary(", ".join(v for k, v in headers if k.lower() == "vary"))
         if vary is None:
@@ -523,8 +524,7 @@ class Recording:
     algorithm: str = field(init=False)  # of the content hash: the digest's, else sha256
 
     def __post_init__(self) -> None:
-        length = next((v for k, v in self.headers if k == "content-length"), None)
-        self.expected_size = int(length) if length and length.isdigit() else None
+        self.expected_size = content_length(self.headers)
         self.algorithm = self.rk.digest.partition(":")[0] if self.rk.digest else "sha256"
 
 

@@ -52,15 +52,29 @@ def cache_control(value: str | None) -> dict[str, str | None]:
     return out
 
 
+MAX_SECONDS = 2**31
+"""Delta-seconds at or above this mean "for ever" (RFC 9111 section 1.2.2): a hostile
+``max-age`` of 400 digits must not overflow a float."""
+
+
 def _seconds(directives: Mapping[str, str | None], name: str) -> float | None:
     raw = directives.get(name)
+    if raw is None or not raw.isascii() or not raw.isdigit():
+        return None
+    if len(raw) > 10:
+        return float(MAX_SECONDS)
+    return float(min(int(raw), MAX_SECONDS))
+
+
+def content_length(headers: Headers) -> int | None:
+    """The declared body length: ASCII digits only (``"²"`` is a digit to ``isdigit``)."""
+    raw = _get(headers, "content-length")
     if raw is None:
         return None
-    try:
-        value = int(raw)
-    except ValueError:
+    raw = raw.strip()
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
         return None
-    return float(max(0, value))
+    return int(raw)
 
 
 def http_date(value: str | None) -> float | None:

@@ -144,8 +144,9 @@ def extract_digest(path: str, fragment: str, names: Iterable[str]) -> str | None
     """The first digest any selected extractor finds (``algo:hex`` or :data:`UNVERIFIABLE`)."""
     names = tuple(names)
     memo = (path, fragment, names)
-    if memo in _DIGESTS:
-        return _DIGESTS[memo]
+    known = _DIGESTS.get(memo, _MISSING)  # one lookup: another thread may clear the memo
+    if known is not _MISSING:
+        return known  # type: ignore[return-value]
     found: str | None = None
     for name in names:
         found = EXTRACTORS[name](path, fragment)
@@ -160,6 +161,7 @@ def extract_digest(path: str, fragment: str, names: Iterable[str]) -> str | None
 # the same paths again and again. Long inputs are never kept, and a full memo starts over.
 _MEMO_MAX = 4096
 _MEMO_INPUT_MAX = 2048
+_MISSING = object()
 _DIGESTS: dict[tuple[str, str, tuple[str, ...]], str | None] = {}
 _URLS: dict[str, tuple[str, str, str]] = {}
 _CREDENTIAL_NAMES: dict[str, bool] = {}

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from seawall.breaker import CircuitOpenError, Outcome
+from seawall.breaker import CircuitOpenError, Outcome, status_of_exception
 from seawall.cache.keys import RequestInfo
 from seawall.client.core import BulkheadTimeout, ClientCore
 from seawall.errors import SeawallError
@@ -19,15 +19,6 @@ __all__ = ["CallFaceBase", "Invocation", "default_host", "default_retry_on"]
 
 Invocation = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 """One call of a guarded callable: the function, its positional and keyword arguments."""
-
-
-def status_of(exc: BaseException) -> int | None:
-    for holder in (exc, getattr(exc, "response", None)):
-        for attr in ("status_code", "status"):
-            value = getattr(holder, attr, None)
-            if isinstance(value, int) and not isinstance(value, bool):
-                return value
-    return None
 
 
 def retry_after_of(exc: BaseException) -> str | bytes | None:
@@ -107,7 +98,7 @@ class CallFaceBase:
         return True
 
     def judge_exception(self, exc: BaseException) -> Verdict:
-        status = status_of(exc)
+        status = status_of_exception(exc)
         if status is not None:
             return self.core.judge_status(status, retry_after_of(exc))
         if self.retry_on(exc):

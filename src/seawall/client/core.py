@@ -196,6 +196,10 @@ class HostPacer:
             self._tat = tat + self._interval
             return wait
 
+    def busy(self) -> bool:
+        """Slots are reserved ahead: forgetting this pacer would grant a fresh burst."""
+        return self._tat > self._clock.now()
+
     def cancel(self) -> None:
         """Give back one reserved slot that was never used."""
         with self._lock:
@@ -229,7 +233,7 @@ class ClientCore:
         self.bus = events if events is not None else DEFAULT_BUS
         if breakers is None and p.breaker is not None:
             breakers = BreakerRegistry(p.breaker, clock=clock, events=self.bus)
-        self.breakers = breakers if p.breaker is not None else None
+        self.breakers = breakers  # a registry given is used whatever policy.breaker says
         self.budget = (
             budgets
             if budgets is not None
@@ -237,7 +241,9 @@ class ClientCore:
         )
         rate = p.rate_limit
         self._pacers: BoundedMap[str, HostPacer] | None = (
-            BoundedMap(lambda _h: HostPacer(rate, clock), p.max_hosts) if rate is not None else None
+            BoundedMap(lambda _h: HostPacer(rate, clock), p.max_hosts, HostPacer.busy)
+            if rate is not None
+            else None
         )
         # One bulkhead map per colour of semaphore (async and sync faces may share a core).
         self._bulkheads: dict[type, BoundedMap[str, _Semaphore]] = {}
@@ -250,7 +256,7 @@ class ClientCore:
         slots = self._bulkheads.get(kind)
         if slots is None:
             slots = self._bulkheads.setdefault(
-                kind, BoundedMap(lambda _h: kind(cap), self.policy.max_hosts)
+                kind, BoundedMap(lambda _h: kind(cap), self.policy.max_hosts, _in_use)
             )
         return slots.get(host)  # type: ignore[return-value]
 
@@ -269,9 +275,15 @@ class ClientCore:
 
 
 class _Semaphore(Protocol):
+    in_use: int
+
     def __init__(self, value: int) -> None: ...
 
     def release(self) -> None: ...
+
+
+def _in_use(semaphore: _Semaphore) -> bool:
+    return semaphore.in_use > 0
 
 
 S = TypeVar("S", bound=_Semaphore)
@@ -396,9 +408,10 @@ class Attempt:
         self._release = release
         self.pacer = None
 
-    def sent(self) -> None:
-        """The attempt went out: its pacing reservation is used."""
+    def sent(self, now: float) -> None:
+        """The attempt goes out now: its pacing reservation is used, its clock starts."""
         self.pacer = None
+        self._started = now
 
     def hand_over(self) -> Callable[[], None] | None:
         """The slot's release, now owned by a response body (freed when it is closed)."""
@@ -448,8 +461,7 @@ class Call(Generic[Req, Resp]):
         self.core = core
         self.face = face
         self.request = request
-        self.host = host = face.host(request)
-        core.budget.record_attempt(host)
+        self.host = face.host(request)
         limit = CALL_TIME_LIMIT.get()
         deadline = core.policy.retry.deadline
         self.deadline_at = core.clock.now() + (
@@ -513,11 +525,14 @@ class Call(Generic[Req, Resp]):
         return self.face.no_slot_error(self.host, waited, self.request)
 
     def started(self, attempt: Attempt, timeout: float | None) -> None:
-        """The attempt is about to be sent."""
-        attempt.sent()
+        """The attempt is about to be sent: its duration, for the breaker, starts now
+        (waiting for a pacing slot or a bulkhead is not the upstream's slowness)."""
+        now = self.core.clock.now()
+        attempt.sent(now)
+        if attempt.number == 1:  # a logical call counts for the budget once it is sent
+            self.core.budget.record_attempt(self.host)
         bus = self.core.bus
         if bus.active:
-            now = self.core.clock.now()
             number = attempt.number
             bus.emit(AttemptStarted(at=now, host=self.host, attempt=number, timeout=timeout))
 
@@ -537,7 +552,8 @@ class Call(Generic[Req, Resp]):
         if permit is not None:  # inlined settle(): this is every answer's path
             attempt._permit = None
             assert attempt._breaker is not None
-            outcome = Outcome.NEUTRAL if refused else classify_status(status, core.policy.breaker)
+            policy = attempt._breaker.policy  # a shared registry's breakers have their own
+            outcome = Outcome.NEUTRAL if refused else classify_status(status, policy)
             attempt._breaker.record(permit, outcome, core.clock.now() - attempt._started)
         if status not in core.policy.retry.retry_statuses or not self._may_retry(refused):
             return None  # the fast path: no tenacity on success
@@ -554,11 +570,14 @@ class Call(Generic[Req, Resp]):
         if attempt._local:
             raise exc
         refused = face.refused(exc)
-        outcome = (
-            Outcome.NEUTRAL
-            if refused
-            else face.breaker_outcome(exc, classify_exception(exc, core.policy.breaker))
-        )
+        breaker = attempt._breaker
+        outcome = None
+        if breaker is not None:
+            outcome = (
+                Outcome.NEUTRAL
+                if refused
+                else face.breaker_outcome(exc, classify_exception(exc, breaker.policy))
+            )
         attempt.settle(outcome, core.clock.now())
         if isinstance(exc, SeawallError) or not face.judge_exception(exc).retryable:
             raise exc

@@ -11,6 +11,7 @@ mechanism's clock), so a test drives this with ``ManualClock`` like any mechanis
 from __future__ import annotations
 
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -53,6 +54,7 @@ class EventLogger:
         self.interval = float(interval)
         self._max_keys = max_keys
         self._labels = LabelLimiter(max_label_values)
+        self._lock = threading.Lock()
         self._routes: dict[type[Event], _Route | None] = {}
         # key -> [time of the last line written, repeats not written since]
         self._last: OrderedDict[tuple[object, ...], list[float]] = OrderedDict()
@@ -79,20 +81,24 @@ class EventLogger:
             route.logger.log(line.level, "%s", line.message(event))
             return
         raw = route.signal.labels(event)
-        key = (cls, *(self._labels(route.key_names[i], raw[j]) for i, j in enumerate(route.key_at)))
-        state = self._last.get(key)
-        if state is not None and event.at - state[0] < self.interval:
-            state[1] += 1
-            return
-        repeats = 0 if state is None else int(state[1])
+        with self._lock:  # events come from worker threads too (sync faces, disk I/O)
+            key = (
+                cls,
+                *(self._labels(route.key_names[i], raw[j]) for i, j in enumerate(route.key_at)),
+            )
+            state = self._last.get(key)
+            if state is not None and event.at - state[0] < self.interval:
+                state[1] += 1
+                return
+            repeats = 0 if state is None else int(state[1])
+            if state is None:
+                self._last[key] = [event.at, 0]
+                if len(self._last) > self._max_keys:
+                    self._last.popitem(last=False)
+            else:
+                state[0], state[1] = event.at, 0
+                self._last.move_to_end(key)
         text = line.message(event)
         if repeats:
             text += f" ({repeats} more like it in the last {self.interval:g} s)"
         route.logger.log(line.level, "%s", text)
-        if state is None:
-            self._last[key] = [event.at, 0]
-            if len(self._last) > self._max_keys:
-                self._last.popitem(last=False)
-        else:
-            state[0], state[1] = event.at, 0
-            self._last.move_to_end(key)

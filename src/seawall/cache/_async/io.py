@@ -108,18 +108,29 @@ class AsyncCacheIO:
         self.cache.corrupt(url, reason)
 
     async def body(self, hit: Hit) -> AsyncIterator[bytes]:
-        """Stream the stored body, checking its hash again as it goes."""
+        """Stream the stored body, checking its hash again as it goes.
+
+        Raises :class:`CacheCorruptError` before the first byte when the entry is gone or
+        was replaced since ``hit`` was looked up (its bytes would not match the headers
+        already chosen): a face pulls the first chunk before it answers.
+        """
         cache = self.cache
         reader = await async_offload(self._blocking, cache.store.open_reader, hit.key)
         if reader is None:
             raise CacheCorruptError(f"cache entry for {hit.url} disappeared")
+        meta, chunks = reader
+        if meta.get("hash") != hit.content_hash or meta.get("size") != hit.size:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                await async_offload(self._blocking, close)
+            raise CacheCorruptError(f"cache entry for {hit.url} was replaced since its lookup")
         if cache.store.trusted_bytes:
-            async for chunk in self._chunks(reader[1]):
+            async for chunk in self._chunks(chunks):
                 yield chunk
             return
         h = cache.hasher(hit.content_hash)
         size = 0
-        async for chunk in self._chunks(reader[1]):
+        async for chunk in self._chunks(chunks):
             h.update(chunk)
             size += len(chunk)
             yield chunk
@@ -163,19 +174,25 @@ class AsyncCacheIO:
         fresh = cache.refreshed(hit, headers)
         store = cache.store
         if store.writable and cache.claim(hit.key):
-            try:
-                writer = await async_offload(self._blocking, store.open_writer, hit.key)
-                try:
-                    async for chunk in self.body(hit):
-                        if writer.write(chunk):
-                            await async_offload(self._blocking, writer.flush)
-                except (CacheCorruptError, OSError):
-                    await async_offload(self._blocking, writer.abort)
-                else:
-                    await async_offload(self._blocking, writer.commit, fresh.meta)
+            try:  # never raise for the cache's sake: the caller gets the fresh hit anyway
+                if not await async_offload(self._blocking, store.replace_meta, hit.key, fresh.meta):
+                    await self._rewrite(hit, fresh)  # a store that cannot: copy the body
+            except Exception:
+                pass
             finally:
                 cache.release(hit.key)
         return fresh
+
+    async def _rewrite(self, hit: Hit, fresh: Hit) -> None:
+        writer = await async_offload(self._blocking, self.cache.store.open_writer, hit.key)
+        try:
+            async for chunk in self.body(hit):
+                if writer.write(chunk):
+                    await async_offload(self._blocking, writer.flush)
+        except BaseException:
+            await async_offload(self._blocking, writer.abort)
+            raise
+        await async_offload(self._blocking, writer.commit, fresh.meta)
 
 
 class AsyncCacheRecorder:
@@ -224,13 +241,15 @@ class AsyncCacheRecorder:
                 with contextlib.suppress(Exception):
                     await async_offload(io._blocking, self._writer.abort)
                 return False
-            meta = cache.meta_for(rec.rk, rec.status, rec.headers, rec.vary, self._size, actual)
-            try:
+            try:  # never raise for the cache's sake: the caller's body is already read
+                meta = cache.meta_for(rec.rk, rec.status, rec.headers, rec.vary, self._size, actual)
                 ok = await async_offload(io._blocking, self._writer.commit, meta)
                 if ok and rec.vary:
                     index = await async_offload(io._blocking, cache.store.open_writer, rec.rk.base)
                     await async_offload(io._blocking, index.commit, vary_index_meta(rec.vary))
             except Exception:
+                with contextlib.suppress(Exception):
+                    await async_offload(io._blocking, self._writer.abort)
                 return False
             if ok:
                 cache.stored(rec.rk.url, self._size, rec.rk.digest)

@@ -109,18 +109,29 @@ class SyncCacheIO:
         self.cache.corrupt(url, reason)
 
     def body(self, hit: Hit) -> Iterator[bytes]:
-        """Stream the stored body, checking its hash again as it goes."""
+        """Stream the stored body, checking its hash again as it goes.
+
+        Raises :class:`CacheCorruptError` before the first byte when the entry is gone or
+        was replaced since ``hit`` was looked up (its bytes would not match the headers
+        already chosen): a face pulls the first chunk before it answers.
+        """
         cache = self.cache
         reader = sync_offload(self._blocking, cache.store.open_reader, hit.key)
         if reader is None:
             raise CacheCorruptError(f"cache entry for {hit.url} disappeared")
+        meta, chunks = reader
+        if meta.get("hash") != hit.content_hash or meta.get("size") != hit.size:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                sync_offload(self._blocking, close)
+            raise CacheCorruptError(f"cache entry for {hit.url} was replaced since its lookup")
         if cache.store.trusted_bytes:
-            for chunk in self._chunks(reader[1]):
+            for chunk in self._chunks(chunks):
                 yield chunk
             return
         h = cache.hasher(hit.content_hash)
         size = 0
-        for chunk in self._chunks(reader[1]):
+        for chunk in self._chunks(chunks):
             h.update(chunk)
             size += len(chunk)
             yield chunk
@@ -164,19 +175,25 @@ class SyncCacheIO:
         fresh = cache.refreshed(hit, headers)
         store = cache.store
         if store.writable and cache.claim(hit.key):
-            try:
-                writer = sync_offload(self._blocking, store.open_writer, hit.key)
-                try:
-                    for chunk in self.body(hit):
-                        if writer.write(chunk):
-                            sync_offload(self._blocking, writer.flush)
-                except (CacheCorruptError, OSError):
-                    sync_offload(self._blocking, writer.abort)
-                else:
-                    sync_offload(self._blocking, writer.commit, fresh.meta)
+            try:  # never raise for the cache's sake: the caller gets the fresh hit anyway
+                if not sync_offload(self._blocking, store.replace_meta, hit.key, fresh.meta):
+                    self._rewrite(hit, fresh)  # a store that cannot: copy the body
+            except Exception:
+                pass
             finally:
                 cache.release(hit.key)
         return fresh
+
+    def _rewrite(self, hit: Hit, fresh: Hit) -> None:
+        writer = sync_offload(self._blocking, self.cache.store.open_writer, hit.key)
+        try:
+            for chunk in self.body(hit):
+                if writer.write(chunk):
+                    sync_offload(self._blocking, writer.flush)
+        except BaseException:
+            sync_offload(self._blocking, writer.abort)
+            raise
+        sync_offload(self._blocking, writer.commit, fresh.meta)
 
 
 class SyncCacheRecorder:
@@ -225,13 +242,15 @@ class SyncCacheRecorder:
                 with contextlib.suppress(Exception):
                     sync_offload(io._blocking, self._writer.abort)
                 return False
-            meta = cache.meta_for(rec.rk, rec.status, rec.headers, rec.vary, self._size, actual)
-            try:
+            try:  # never raise for the cache's sake: the caller's body is already read
+                meta = cache.meta_for(rec.rk, rec.status, rec.headers, rec.vary, self._size, actual)
                 ok = sync_offload(io._blocking, self._writer.commit, meta)
                 if ok and rec.vary:
                     index = sync_offload(io._blocking, cache.store.open_writer, rec.rk.base)
                     sync_offload(io._blocking, index.commit, vary_index_meta(rec.vary))
             except Exception:
+                with contextlib.suppress(Exception):
+                    sync_offload(io._blocking, self._writer.abort)
                 return False
             if ok:
                 cache.stored(rec.rk.url, self._size, rec.rk.digest)

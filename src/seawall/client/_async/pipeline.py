@@ -14,7 +14,7 @@ cache's recorder, to the followers of a coalesced fetch).
 
 from __future__ import annotations
 
-import contextlib
+import copy
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Generic, Protocol, TypeVar
@@ -23,7 +23,7 @@ from urllib.parse import urljoin
 from seawall.cache._async.io import AsyncCacheRecorder
 from seawall.cache.fallback import FallbackCache, Hit
 from seawall.cache.freshness import State
-from seawall.cache.keys import RequestInfo, credential_scope
+from seawall.cache.keys import RequestInfo, credential_scope, request_key
 from seawall.client.core import (
     BUILD_STEP,
     CALL_TIME_LIMIT,
@@ -53,6 +53,7 @@ Resp_co = TypeVar("Resp_co", covariant=True)
 
 _CONDITIONALS = ("if-none-match", "if-modified-since", "if-match", "if-unmodified-since")
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_REVALIDATING = "revalidating:"  # claimed in the cache's table of work in flight
 _MAX_REDIRECTS = 5
 
 
@@ -133,9 +134,10 @@ async def async_send(core: ClientCore, face: AsyncFace[Req, Resp], request: Req)
             timeout = call.timeout()
             bulkhead = core.bulkhead(call.host, AsyncSemaphore)
             if bulkhead is not None:
-                if not await bulkhead.acquire(timeout):
+                if not await bulkhead.acquire(timeout, clock):
                     raise call.no_slot(attempt, timeout)
                 attempt.hold(bulkhead.release)
+                timeout = call.timeout()  # the wait for the slot came out of the time left
             call.started(attempt, timeout)
             response = await face.send(request, timeout)
         except Exception as exc:
@@ -183,6 +185,22 @@ class AsyncReleasingBody:
 # --------------------------------------------------------------------------- coalescing
 
 
+class BodyCut(ConnectionError):
+    """A shared body ended early: the reader pulling it for everyone was cancelled."""
+
+    def __init__(self) -> None:
+        super().__init__("the coalesced fetch was cancelled while its body was read")
+
+
+def _own_copy(error: BaseException) -> BaseException:
+    """A follower's own copy of the leader's error: concurrent raisers must not share one
+    object (its traceback and context are written as it propagates)."""
+    try:
+        return copy.copy(error)
+    except Exception:
+        return error
+
+
 class _LeaderGone(Exception):
     """The leading request was cancelled: followers try again, one of them as leader."""
 
@@ -220,11 +238,14 @@ class AsyncCoalescer(Generic[Req, Resp]):
         self._lock = threading.Lock()
 
     def key(self, request: Req) -> tuple[str, ...] | None:
-        """The request's coalescing key, or None when it must be fetched on its own."""
+        """The request's coalescing key, or None when it must be fetched on its own: only
+        what the cache would call a verifiable digest (the cheap test first)."""
         face = self._face
         if face.method(request) != "GET" or not is_immutable_url(face.target(request)):
             return None
         info = face.request_info(request)
+        if request_key(info, namespace="coalesce").digest is None:
+            return None
         scope = credential_scope(info, public=False, namespace="coalesce")
         return (info.url, scope, info.header("accept") or "", info.header("range") or "")
 
@@ -254,7 +275,7 @@ class AsyncCoalescer(Generic[Req, Resp]):
             if isinstance(group.error, _LeaderGone):
                 continue  # the leader was cancelled: try again, maybe as the leader
             if group.error is not None:
-                raise group.error
+                raise _own_copy(group.error) from group.error
             head, tee = group.head, group.tee
             assert head is not None and tee is not None
             return face.build(
@@ -342,8 +363,11 @@ class AsyncTee:
                 except StopAsyncIteration:
                     self._done = True
                     return None
-                except Exception as exc:
-                    self._error = exc
+                except BaseException as exc:
+                    # A reader cancelled while pulling (its own timeout, a caller that
+                    # left) ends the source too: the others must see an error, never a
+                    # body cut short that looks complete.
+                    self._error = exc if isinstance(exc, Exception) else BodyCut()
                     raise
             chunk = self._chunks[i]
             self._pos[index] = pos + 1
@@ -419,9 +443,10 @@ class AsyncCacheLayer(Generic[Req, Resp]):
         hit = await io.lookup(info)
         if hit is not None and self._serve_without_asking(hit, info):
             return self._answer(request, method, hit, "fresh")
-        if hit is not None and self._serve_then_revalidate(hit, info):
+        if hit is not None and self._tasks.background and self._serve_then_revalidate(hit, info):
             stale = hit
-            await self._tasks.start(lambda: self._revalidate(request, info, stale, inner))
+            if self.cache.claim(_REVALIDATING + hit.key):  # one refresh at a time, not a herd
+                await self._tasks.start(lambda: self._revalidate(request, info, stale, inner))
             return self._answer(request, method, hit, "stale-while-revalidate")
         conditional = self._conditional(request, info, hit)
         wait = self.cache.policy.fallback_after
@@ -520,7 +545,10 @@ class AsyncCacheLayer(Generic[Req, Resp]):
             await face.close(response)
             return self._answer(request, method, hit, f"status {status}")
         if method == "GET":
-            recorder = await io.recorder(info, status, face.response_headers(response))
+            try:
+                recorder = await io.recorder(info, status, face.response_headers(response))
+            except Exception:  # the cache's trouble (odd headers, a store error): not the caller's
+                recorder = None
             if recorder is not None:
                 recording = AsyncRecordingBody(face.body(response), recorder)
                 return face.replace_body(response, recording)
@@ -529,18 +557,27 @@ class AsyncCacheLayer(Generic[Req, Resp]):
     async def _revalidate(
         self, request: Req, info: RequestInfo, hit: Hit, inner: AsyncHandler[Req, Resp]
     ) -> None:
-        """Refresh in the background for stale-while-revalidate (inline for sync callers)."""
+        """Refresh in the background for stale-while-revalidate. (A sync caller has no loop
+        to work in the background: it revalidates before answering, as for a stale copy.)"""
         face = self._face
         conditional = self._conditional(request, info, hit)
-        with contextlib.suppress(Exception):
+        try:
             response = await inner(conditional or request)
-            out = await self._after(request, info, hit, conditional is not None, response)
+            try:
+                out = await self._after(request, info, hit, conditional is not None, response)
+            except Exception:
+                await face.close(response)
+                raise
             body = face.body(out)
             try:
                 async for _ in body:
                     pass  # drain through the recorder so the new version is kept
             finally:
                 await body.aclose()
+        except Exception:
+            pass  # a failed refresh leaves the stale copy; the next request tries again
+        finally:
+            self.cache.release(_REVALIDATING + hit.key)
 
     async def aclose(self) -> None:
         await self._tasks.aclose()

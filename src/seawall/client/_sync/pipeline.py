@@ -15,7 +15,7 @@ cache's recorder, to the followers of a coalesced fetch).
 
 from __future__ import annotations
 
-import contextlib
+import copy
 import threading
 from collections.abc import Iterator, Callable, Sequence
 from typing import Generic, Protocol, TypeVar
@@ -24,7 +24,7 @@ from urllib.parse import urljoin
 from seawall.cache._sync.io import SyncCacheRecorder
 from seawall.cache.fallback import FallbackCache, Hit
 from seawall.cache.freshness import State
-from seawall.cache.keys import RequestInfo, credential_scope
+from seawall.cache.keys import RequestInfo, credential_scope, request_key
 from seawall.client.core import (
     BUILD_STEP,
     CALL_TIME_LIMIT,
@@ -54,6 +54,7 @@ Resp_co = TypeVar("Resp_co", covariant=True)
 
 _CONDITIONALS = ("if-none-match", "if-modified-since", "if-match", "if-unmodified-since")
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_REVALIDATING = "revalidating:"  # claimed in the cache's table of work in flight
 _MAX_REDIRECTS = 5
 
 
@@ -134,9 +135,10 @@ def sync_send(core: ClientCore, face: SyncFace[Req, Resp], request: Req) -> Resp
             timeout = call.timeout()
             bulkhead = core.bulkhead(call.host, SyncSemaphore)
             if bulkhead is not None:
-                if not bulkhead.acquire(timeout):
+                if not bulkhead.acquire(timeout, clock):
                     raise call.no_slot(attempt, timeout)
                 attempt.hold(bulkhead.release)
+                timeout = call.timeout()  # the wait for the slot came out of the time left
             call.started(attempt, timeout)
             response = face.send(request, timeout)
         except Exception as exc:
@@ -184,6 +186,22 @@ class SyncReleasingBody:
 # --------------------------------------------------------------------------- coalescing
 
 
+class BodyCut(ConnectionError):
+    """A shared body ended early: the reader pulling it for everyone was cancelled."""
+
+    def __init__(self) -> None:
+        super().__init__("the coalesced fetch was cancelled while its body was read")
+
+
+def _own_copy(error: BaseException) -> BaseException:
+    """A follower's own copy of the leader's error: concurrent raisers must not share one
+    object (its traceback and context are written as it propagates)."""
+    try:
+        return copy.copy(error)
+    except Exception:
+        return error
+
+
 class _LeaderGone(Exception):
     """The leading request was cancelled: followers try again, one of them as leader."""
 
@@ -221,11 +239,14 @@ class SyncCoalescer(Generic[Req, Resp]):
         self._lock = threading.Lock()
 
     def key(self, request: Req) -> tuple[str, ...] | None:
-        """The request's coalescing key, or None when it must be fetched on its own."""
+        """The request's coalescing key, or None when it must be fetched on its own: only
+        what the cache would call a verifiable digest (the cheap test first)."""
         face = self._face
         if face.method(request) != "GET" or not is_immutable_url(face.target(request)):
             return None
         info = face.request_info(request)
+        if request_key(info, namespace="coalesce").digest is None:
+            return None
         scope = credential_scope(info, public=False, namespace="coalesce")
         return (info.url, scope, info.header("accept") or "", info.header("range") or "")
 
@@ -255,7 +276,7 @@ class SyncCoalescer(Generic[Req, Resp]):
             if isinstance(group.error, _LeaderGone):
                 continue  # the leader was cancelled: try again, maybe as the leader
             if group.error is not None:
-                raise group.error
+                raise _own_copy(group.error) from group.error
             head, tee = group.head, group.tee
             assert head is not None and tee is not None
             return face.build(
@@ -343,8 +364,11 @@ class SyncTee:
                 except StopIteration:
                     self._done = True
                     return None
-                except Exception as exc:
-                    self._error = exc
+                except BaseException as exc:
+                    # A reader cancelled while pulling (its own timeout, a caller that
+                    # left) ends the source too: the others must see an error, never a
+                    # body cut short that looks complete.
+                    self._error = exc if isinstance(exc, Exception) else BodyCut()
                     raise
             chunk = self._chunks[i]
             self._pos[index] = pos + 1
@@ -420,9 +444,10 @@ class SyncCacheLayer(Generic[Req, Resp]):
         hit = io.lookup(info)
         if hit is not None and self._serve_without_asking(hit, info):
             return self._answer(request, method, hit, "fresh")
-        if hit is not None and self._serve_then_revalidate(hit, info):
+        if hit is not None and self._tasks.background and self._serve_then_revalidate(hit, info):
             stale = hit
-            self._tasks.start(lambda: self._revalidate(request, info, stale, inner))
+            if self.cache.claim(_REVALIDATING + hit.key):  # one refresh at a time, not a herd
+                self._tasks.start(lambda: self._revalidate(request, info, stale, inner))
             return self._answer(request, method, hit, "stale-while-revalidate")
         conditional = self._conditional(request, info, hit)
         wait = self.cache.policy.fallback_after
@@ -521,7 +546,10 @@ class SyncCacheLayer(Generic[Req, Resp]):
             face.close(response)
             return self._answer(request, method, hit, f"status {status}")
         if method == "GET":
-            recorder = io.recorder(info, status, face.response_headers(response))
+            try:
+                recorder = io.recorder(info, status, face.response_headers(response))
+            except Exception:  # the cache's trouble (odd headers, a store error): not the caller's
+                recorder = None
             if recorder is not None:
                 recording = SyncRecordingBody(face.body(response), recorder)
                 return face.replace_body(response, recording)
@@ -530,18 +558,27 @@ class SyncCacheLayer(Generic[Req, Resp]):
     def _revalidate(
         self, request: Req, info: RequestInfo, hit: Hit, inner: SyncHandler[Req, Resp]
     ) -> None:
-        """Refresh in the background for stale-while-revalidate (inline for sync callers)."""
+        """Refresh in the background for stale-while-revalidate. (A sync caller has no loop
+        to work in the background: it revalidates before answering, as for a stale copy.)"""
         face = self._face
         conditional = self._conditional(request, info, hit)
-        with contextlib.suppress(Exception):
+        try:
             response = inner(conditional or request)
-            out = self._after(request, info, hit, conditional is not None, response)
+            try:
+                out = self._after(request, info, hit, conditional is not None, response)
+            except Exception:
+                face.close(response)
+                raise
             body = face.body(out)
             try:
                 for _ in body:
                     pass  # drain through the recorder so the new version is kept
             finally:
                 body.close()
+        except Exception:
+            pass  # a failed refresh leaves the stale copy; the next request tries again
+        finally:
+            self.cache.release(_REVALIDATING + hit.key)
 
     def close(self) -> None:
         self._tasks.close()
