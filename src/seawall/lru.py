@@ -1,7 +1,13 @@
-"""One bounded, thread-safe map of per-key state (per host, per client): least recently
-used keys are forgotten first, so a crawler of many hosts cannot grow it without bound.
-State that is in use (a bulkhead with slots taken, a pacer with slots reserved) is never
-forgotten: forgetting it would hand out a fresh one and break the limit it keeps."""
+"""Bounded maps of per-key state.
+
+:class:`BoundedMap` is one thread-safe map of per-key state (per host, per client): least
+recently used keys are forgotten first, so a crawler of many hosts cannot grow it without
+bound. State that is in use (a bulkhead with slots taken, a pacer with slots reserved) is
+never forgotten: forgetting it would hand out a fresh one and break the limit it keeps.
+
+:func:`remember` is the memo of a pure function on a hot path (a request line's class, a
+client address's key): a full memo starts over, which costs one recomputation per entry
+and keeps a flood of distinct inputs from growing it."""
 
 from __future__ import annotations
 
@@ -10,10 +16,23 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-__all__ = ["BoundedMap"]
+__all__ = ["BoundedMap", "remember"]
 
 K = TypeVar("K")
 V = TypeVar("V")
+
+
+def remember(memo: dict[K, V], key: K, value: V, max_size: int) -> V:
+    """Store ``value`` under ``key`` in a memo of at most ``max_size`` entries; returns it.
+
+    Starting over when full (not LRU) keeps the hit path a plain ``dict.get`` with no
+    bookkeeping. The GIL makes the clear and the store safe from threads; a lost entry is
+    only recomputed.
+    """
+    if len(memo) >= max_size:
+        memo.clear()
+    memo[key] = value
+    return value
 
 
 class BoundedMap(Generic[K, V]):

@@ -31,6 +31,8 @@ from typing import Any
 
 from starlette.types import Scope
 
+from seawall.lru import remember
+
 __all__ = ["KeyFunc", "ProxyTrust", "bounded", "client_address", "make_key_func"]
 
 log = logging.getLogger("seawall.ratelimit_keys")
@@ -125,9 +127,7 @@ class ProxyTrust:
                 if mapped is not None:
                     addr = mapped
                 known = any(addr in net for net in self._networks)
-            if len(self._cache) >= _IP_CACHE_MAX:
-                self._cache.clear()
-            self._cache[host] = known
+            remember(self._cache, host, known, _IP_CACHE_MAX)
         return known
 
 
@@ -161,9 +161,7 @@ def _peer_key(scope: Scope, ipv6_prefix: int) -> str:
         ip = _normalize_ip(host, ipv6_prefix) if len(host) <= 64 else None
         # Not an address (a unix socket path, a test client name): still a stable key.
         key = f"ip:{ip}" if ip is not None else bounded("peer", host)
-        if len(_ip_cache) >= _IP_CACHE_MAX:
-            _ip_cache.clear()
-        _ip_cache[cache_key] = key
+        remember(_ip_cache, cache_key, key, _IP_CACHE_MAX)
     return key
 
 

@@ -63,7 +63,7 @@ class RequestShed(Event):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ConcurrencyLimitChanged(Event):
-    """The effective concurrency limit moved (a controller step)."""
+    """The effective concurrency limit moved (one controller update)."""
 
     name: ClassVar[str] = "shed.limit_changed"
     old: int
@@ -207,7 +207,7 @@ class GradientController:
         p = self._policy
         rtt = max(rtt, 0.0)
         # a window spans at least one round trip's completions (``limit`` of them when
-        # saturated): a step must show in latency before the next one is decided
+        # saturated): a limit change must show in latency before the next one is decided
         size = max(p.window_samples, self._limit)
         if self._win_start is None:
             self._win_start = now
@@ -227,8 +227,6 @@ class GradientController:
             self._limit = min(float(p.max_limit), self._limit + 1.0)
             if self._limit >= p.max_limit:
                 self._slow_start = False  # nothing left to grow into
-        # a window spans at least one round trip's completions (``limit`` of them when
-        # saturated): a step must show in latency before the next one is decided
         if self._win_count < size and now - self._win_start < p.window_max:
             return
         count = self._win_count

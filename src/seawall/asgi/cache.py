@@ -38,6 +38,7 @@ from seawall.cache.freshness import is_artifact, is_per_client_field, shared_cac
 from seawall.cache.keys import RequestInfo, RequestKey, is_credential_header
 from seawall.clock import SYSTEM_CLOCK, Clock
 from seawall.events import EventBus
+from seawall.lru import remember
 from seawall.policy.cache import CachePolicy
 from seawall.protocol import REFUSED_HEADER
 
@@ -104,9 +105,7 @@ class _KeyMemo:
         if found is None:
             found = ex.cache.key(ex.info)
             if size < 4096:
-                if len(self._keys) >= self._MAX:
-                    self._keys.clear()
-                self._keys[memo] = found
+                remember(self._keys, memo, found, self._MAX)
         return found
 
 

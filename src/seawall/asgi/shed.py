@@ -35,6 +35,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from seawall.asgi._http import retry_after_seconds, send_problem
 from seawall.clock import SYSTEM_CLOCK, Clock
 from seawall.events import DEFAULT_BUS, Event, EventBus
+from seawall.lru import remember
 from seawall.policy.shed import RequestClass, ShedPolicy
 from seawall.protocol import REFUSED_HEADER, STEP_HEADER
 from seawall.shed import ConcurrencyLimiter, ConcurrencySlot, Rejection, StepTracker, Waiter
@@ -151,9 +152,7 @@ class LoadShedMiddleware:
             if known is None:
                 cls = policy.classify(method, path, request.accept, 0)
                 if len(path) < 1024:
-                    if len(self._classes) >= 4096:
-                        self._classes.clear()
-                    self._classes[memo] = (cls,)
+                    remember(self._classes, memo, (cls,), 4096)
             else:
                 cls = known[0]
         else:
@@ -238,9 +237,7 @@ class LoadShedMiddleware:
                 extra={"reason": rejection.reason, "priority": rejection.priority},
                 head_only=head_only,
             )
-            if len(self._shed_responses) >= 256:
-                self._shed_responses.clear()
-            messages = self._shed_responses[key] = tuple(captured)
+            messages = remember(self._shed_responses, key, tuple(captured), 256)
         for message in messages:
             await send(dict(message))
 

@@ -194,9 +194,9 @@ def _clean_headers(headers: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
 class FallbackCache:
     """Record verified responses and serve them fresh, stale-if-error, or verified.
 
-    ``FallbackCache()`` uses a :class:`MemoryStore` sized by the policy. One instance is
-    used from one event loop (the sync transport runs its own loop thread; see
-    ``seawall.client.cache``).
+    ``FallbackCache()`` uses a :class:`MemoryStore` sized by the policy. One instance
+    serves the async faces through :attr:`aio` and the sync faces (threads, no event loop)
+    through :attr:`sync`; both use the same store.
     """
 
     def __init__(

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from seawall.lru import remember
+
 __all__ = [
     "CREDENTIAL_HEADERS",
     "DIGEST_ALGORITHMS",
@@ -169,9 +171,7 @@ _CREDENTIAL_NAMES: dict[str, bool] = {}
 
 def _remember(memo: dict[Any, Any], key: Any, value: Any, size: int) -> None:
     if size <= _MEMO_INPUT_MAX:
-        if len(memo) >= _MEMO_MAX:
-            memo.clear()
-        memo[key] = value
+        remember(memo, key, value, _MEMO_MAX)
 
 
 def is_manifest_request(path: str) -> bool:

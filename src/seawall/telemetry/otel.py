@@ -22,12 +22,10 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra ins
         "seawall.telemetry.otel needs opentelemetry-api: pip install 'seawall[otel]'"
     ) from exc
 
-from seawall.events import DEFAULT_BUS, Event, EventBus
-from seawall.telemetry.signals import SIGNALS, LabelLimiter, Metric, Signal, signal_for
+from seawall.events import Event
+from seawall.telemetry.signals import SIGNALS, Handler, LabelLimiter, Metric, Signal, SignalListener
 
 __all__ = ["OpenTelemetryMetrics"]
-
-Handler = Callable[[Event], None]
 
 _MAX_CACHED = 4096
 """Distinct raw label tuples per event class whose attributes are remembered."""
@@ -47,7 +45,7 @@ def _instrument(meter: metrics.Meter, m: Metric) -> Callable[[float, dict[str, s
     ).record
 
 
-class OpenTelemetryMetrics:
+class OpenTelemetryMetrics(SignalListener):
     """A bus listener that records seawall's metrics and span events through the OTel API.
 
     ``meter_provider`` defaults to the global one (set by the application's SDK set-up);
@@ -67,27 +65,13 @@ class OpenTelemetryMetrics:
         provider = meter_provider if meter_provider is not None else metrics.get_meter_provider()
         meter = provider.get_meter("seawall", __version__)
         self.spans = spans
+        super().__init__(signals)
         self._labels = LabelLimiter(max_label_values)
         self._instruments: dict[type[Event], tuple[tuple[Metric, Any], ...]] = {
             s.event: tuple((m, _instrument(meter, m)) for m in s.metrics) for s in signals
         }
-        self._handlers: dict[type[Event], Handler | None] = {}
 
-    def attach(self, bus: EventBus = DEFAULT_BUS) -> Callable[[], None]:
-        """Subscribe to ``bus``; returns the function that unsubscribes."""
-        return bus.subscribe(self)
-
-    def __call__(self, event: Event) -> None:
-        cls = type(event)
-        handler = self._handlers[cls] if cls in self._handlers else self._compile(cls)
-        if handler is not None:
-            handler(event)
-
-    def _compile(self, cls: type[Event]) -> Handler | None:
-        signal = signal_for(cls)
-        if signal is None or signal.event not in self._instruments:
-            self._handlers[cls] = None
-            return None
+    def _handler(self, signal: Signal) -> Handler:
         instruments = self._instruments[signal.event]
         names, labels, limit = signal.label_names, signal.labels, self._labels.values
         span_event = signal.span_event if self.spans else None
@@ -116,5 +100,4 @@ class OpenTelemetryMetrics:
                     extra = span_attributes(event) if span_attributes is not None else None
                     span.add_event(span_event, attributes=extra)
 
-        self._handlers[cls] = handle
         return handle

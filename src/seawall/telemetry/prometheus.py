@@ -13,7 +13,7 @@ hosts named by users) is capped at ``max_label_values`` values, the rest counted
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 try:
@@ -23,12 +23,10 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra ins
         "seawall.telemetry.prometheus needs prometheus-client: pip install 'seawall[prometheus]'"
     ) from exc
 
-from seawall.events import DEFAULT_BUS, Event, EventBus
-from seawall.telemetry.signals import SIGNALS, LabelLimiter, Metric, Signal, signal_for
+from seawall.events import Event
+from seawall.telemetry.signals import SIGNALS, Handler, LabelLimiter, Metric, Signal, SignalListener
 
 __all__ = ["PrometheusMetrics"]
-
-Handler = Callable[[Event], None]
 
 _MAX_CACHED = 4096
 """Distinct raw label tuples per event class whose metric children are remembered."""
@@ -64,7 +62,7 @@ class _Instrument:
         return child
 
 
-class PrometheusMetrics:
+class PrometheusMetrics(SignalListener):
     """A bus listener that keeps seawall's metrics in a Prometheus registry.
 
     One instance per registry (Prometheus refuses a metric name twice); attach the same
@@ -79,28 +77,13 @@ class PrometheusMetrics:
         signals: Sequence[Signal] = SIGNALS,
     ) -> None:
         self.registry = registry if registry is not None else REGISTRY
+        super().__init__(signals)
         self._labels = LabelLimiter(max_label_values)
         self._instruments = {
             s.event: tuple(_Instrument(m, s, self.registry) for m in s.metrics) for s in signals
         }
-        self._signals = {s.event: s for s in signals}
-        self._handlers: dict[type[Event], Handler | None] = {}
 
-    def attach(self, bus: EventBus = DEFAULT_BUS) -> Callable[[], None]:
-        """Subscribe to ``bus``; returns the function that unsubscribes."""
-        return bus.subscribe(self)
-
-    def __call__(self, event: Event) -> None:
-        cls = type(event)
-        handler = self._handlers[cls] if cls in self._handlers else self._compile(cls)
-        if handler is not None:
-            handler(event)
-
-    def _compile(self, cls: type[Event]) -> Handler | None:
-        signal = signal_for(cls)
-        if signal is None or signal.event not in self._instruments:
-            self._handlers[cls] = None
-            return None
+    def _handler(self, signal: Signal) -> Handler:
         instruments = self._instruments[signal.event]
         names, labels, limit = signal.label_names, signal.labels, self._labels.values
         # raw label values -> what to update; bounded (past the cap, looked up each time)
@@ -128,5 +111,4 @@ class PrometheusMetrics:
                 else:
                     child.observe(amount(event))
 
-        self._handlers[cls] = handle
         return handle

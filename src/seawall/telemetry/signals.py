@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -26,7 +26,7 @@ from seawall.breaker import BreakerRejected, BreakerState, BreakerStateChanged
 from seawall.cache.fallback import CacheCorrupt, CacheRejected, CacheServed, CacheStored
 from seawall.cache.store import CacheEvicted, CacheWritesDisabled
 from seawall.client.core import AttemptStarted, RequestCoalesced
-from seawall.events import Event
+from seawall.events import DEFAULT_BUS, Event, EventBus
 from seawall.ratelimit import RateLimitAdmitted, RateLimited, RateLimitStorageFailed
 from seawall.retry import RetriesExhausted, RetryAfterHonoured, RetryBudgetExhausted, RetryScheduled
 from seawall.shed import ConcurrencyLimitChanged, RequestShed
@@ -613,3 +613,41 @@ def signal_for(event_class: type[Event]) -> Signal | None:
             if signal is not None:
                 break
     return signal
+
+
+Handler = Callable[[Event], None]
+
+
+class SignalListener:
+    """A bus listener that builds one handler per event class on first sight.
+
+    After the first event of a class, dispatch is one dictionary lookup; classes with no
+    signal (or none this listener records) map to ``None`` and cost only that lookup.
+    Exporters implement :meth:`_handler`.
+    """
+
+    def __init__(self, signals: Sequence[Signal]) -> None:
+        self._recorded = frozenset(s.event for s in signals)
+        self._handlers: dict[type[Event], Handler | None] = {}
+
+    def attach(self, bus: EventBus = DEFAULT_BUS) -> Callable[[], None]:
+        """Subscribe to ``bus``; returns the function that unsubscribes."""
+        return bus.subscribe(self)
+
+    def __call__(self, event: Event) -> None:
+        cls = type(event)
+        handler = self._handlers[cls] if cls in self._handlers else self._compile(cls)
+        if handler is not None:
+            handler(event)
+
+    def _compile(self, cls: type[Event]) -> Handler | None:
+        signal = signal_for(cls)
+        found = None
+        if signal is not None and signal.event in self._recorded:
+            found = self._handler(signal)
+        self._handlers[cls] = found
+        return found
+
+    def _handler(self, signal: Signal) -> Handler:
+        raise NotImplementedError
+
