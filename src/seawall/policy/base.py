@@ -119,3 +119,19 @@ def check_int_at_least(field: str, value: Any, minimum: int) -> None:
     """Raise unless ``value`` is an integer >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise PolicyError(field, value, f"must be a whole number of at least {minimum}")
+
+
+MAX_WINDOW = 10 * 365 * 24 * 3600
+"""Longest window of any rate (ten years): Redis refuses key TTLs past its range."""
+
+
+def check_statuses(field: str, value: Any, low: int, high: int) -> frozenset[int]:
+    """The HTTP statuses in ``value`` as a frozenset; raise unless it is a list of them
+    between ``low`` and ``high``. A bare number is refused (it used to raise a TypeError)."""
+    if isinstance(value, str | bytes) or not isinstance(value, set | frozenset | list | tuple):
+        raise PolicyError(field, value, "must be a list of HTTP statuses, e.g. [503]")
+    for status in value:
+        if isinstance(status, bool) or not isinstance(status, int) or not low <= status <= high:
+            raise PolicyError(field, status, f"must be an HTTP status between {low} and {high}")
+    return frozenset(value)
+

@@ -17,6 +17,7 @@ from seawall.policy.base import (
     check_int_at_least,
     check_non_negative,
     check_positive,
+    check_statuses,
 )
 
 __all__ = ["DEFAULT_EXTRACTORS", "CachePolicy"]
@@ -96,20 +97,8 @@ class CachePolicy(PolicyBase):
             raise PolicyError("public", self.public, "must be true or false")
         if not isinstance(self.serve_fresh, bool):
             raise PolicyError("serve_fresh", self.serve_fresh, "must be true or false")
-        statuses = self.fallback_statuses
-        if isinstance(statuses, str | bytes) or not isinstance(
-            statuses, frozenset | set | list | tuple
-        ):
-            raise PolicyError(  # a bare 503 used to raise a TypeError
-                "fallback_statuses", statuses, "must be a list of HTTP statuses, e.g. [503]"
-            )
-        if not isinstance(statuses, frozenset):
-            object.__setattr__(self, "fallback_statuses", frozenset(statuses))
-        for status in self.fallback_statuses:
-            if isinstance(status, bool) or not isinstance(status, int) or not 400 <= status <= 599:
-                raise PolicyError(
-                    "fallback_statuses", status, "must be an HTTP error status (400-599)"
-                )
+        statuses = check_statuses("fallback_statuses", self.fallback_statuses, 400, 599)
+        object.__setattr__(self, "fallback_statuses", statuses)
         if isinstance(self.extractors, str) or not isinstance(self.extractors, tuple | list):
             raise PolicyError("extractors", self.extractors, "must be a list of extractor names")
         object.__setattr__(self, "extractors", tuple(self.extractors))

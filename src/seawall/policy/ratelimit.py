@@ -21,7 +21,7 @@ from urllib.parse import parse_qsl, urlsplit
 from limits import RateLimitItem, parse_many
 
 from seawall.errors import PolicyError
-from seawall.policy.base import PolicyBase, check_int_at_least, check_positive
+from seawall.policy.base import MAX_WINDOW, PolicyBase, check_int_at_least, check_positive
 from seawall.policy.breaker import BreakerPolicy
 
 __all__ = [
@@ -49,8 +49,6 @@ STORAGE_SCHEMES: tuple[str, ...] = ("memory", "redis", "rediss", "async+redis", 
 MAX_AMOUNT = 1_000_000_000
 """Largest request count of one rate: Redis and Lua count in integers below 2^53."""
 
-MAX_WINDOW = 10 * 365 * 24 * 3600
-"""Longest window (ten years): Redis refuses key TTLs past its range ("1 per 10^20 second")."""
 
 STORAGE_BREAKER = BreakerPolicy(
     window="count",

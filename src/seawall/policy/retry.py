@@ -13,11 +13,13 @@ from dataclasses import dataclass, field
 
 from seawall.errors import PolicyError
 from seawall.policy.base import (
+    MAX_WINDOW,
     PolicyBase,
     check_fraction,
     check_int_at_least,
     check_non_negative,
     check_positive,
+    check_statuses,
 )
 from seawall.policy.breaker import BreakerPolicy
 
@@ -77,16 +79,10 @@ class RetryPolicy(PolicyBase):
         if not isinstance(self.retry_unsafe, bool):
             raise PolicyError("retry_unsafe", self.retry_unsafe, "must be true or false")
         _check_header_name("idempotency_header", self.idempotency_header)
-        statuses = self.retry_statuses
-        if isinstance(statuses, str) or not isinstance(statuses, set | frozenset | list | tuple):
-            raise PolicyError("retry_statuses", statuses, "must be a list of HTTP statuses")
-        if not all(
-            isinstance(s, int) and not isinstance(s, bool) and 100 <= s <= 599 for s in statuses
-        ):
-            raise PolicyError("retry_statuses", statuses, "must be a set of HTTP status codes")
+        statuses = check_statuses("retry_statuses", self.retry_statuses, 100, 599)
         if any(200 <= s < 400 for s in statuses):
             raise PolicyError("retry_statuses", sorted(statuses), "must not contain 2xx/3xx")
-        object.__setattr__(self, "retry_statuses", frozenset(statuses))
+        object.__setattr__(self, "retry_statuses", statuses)
         if not isinstance(self.honor_retry_after, bool):
             raise PolicyError("honor_retry_after", self.honor_retry_after, "must be true or false")
         check_fraction("budget_ratio", self.budget_ratio)
@@ -130,7 +126,7 @@ class ClientPolicy(PolicyBase):
                 raise PolicyError(
                     "rate_limit", self.rate_limit, "is not a rate like '100/second'"
                 ) from None
-            if item.amount < 1 or not 0 < item.get_expiry() <= 10 * 365 * 86400:
+            if item.amount < 1 or not 0 < item.get_expiry() <= MAX_WINDOW:
                 raise PolicyError(  # "0/second" used to divide by zero on the first call
                     "rate_limit",
                     self.rate_limit,
