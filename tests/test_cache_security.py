@@ -221,6 +221,35 @@ async def test_a_digest_the_cache_cannot_verify_is_never_cached(
     assert cache.store.keys() == []
 
 
+_HEXISH = "0123456789abcdefABCDEFg"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    algorithm=st.sampled_from(["sha256", "sha512", "sha384", "md5", "SHA256", "sha256+b64"]),
+    value=st.text(_HEXISH, min_size=0, max_size=130),
+    honest=st.booleans(),
+    body=st.binary(min_size=0, max_size=64),
+)
+def test_a_blob_is_cached_exactly_when_its_bytes_hash_to_its_verifiable_digest(
+    algorithm: str, value: str, honest: bool, body: bytes
+) -> None:
+    """Whatever the digest in the URL, the cache stores and serves the bytes only when the
+    algorithm is one it verifies (sha256, sha512), the value is its lower-case hex, and the
+    bytes hash to it; anything else is never kept (no unverified `hit`)."""
+    if honest and algorithm in ("sha256", "sha512"):
+        value = hashlib.new(algorithm, body).hexdigest()
+    verifiable = algorithm in ("sha256", "sha512") and value == hashlib.new(
+        algorithm, body
+    ).hexdigest()
+    cache = FallbackCache(clock=ManualClock())
+    stored, served = asyncio.run(_record_and_read(cache, _blob_url(algorithm, value), body))
+    assert stored is verifiable
+    assert served == (body if verifiable else None)
+    if not verifiable:
+        assert cache.store.keys() == []
+
+
 # --------------------------------------------------------------------------- redirects
 
 
@@ -281,6 +310,57 @@ async def test_a_redirect_to_another_origin_carries_no_credential(clock: ManualC
     assert cdn.url.host == "cdn.test"
     assert "authorization" not in cdn.headers and "x-jfrog-art-api" not in cdn.headers
     assert cdn.headers["accept"] == "*/*"
+
+
+_SECRET = st.text("abcdefghijklmnopqrstuvwxyz0123456789", min_size=8, max_size=24).map(
+    lambda s: "s3cr3t-" + s  # marked, so a match is the secret and not any 8 digits
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(signature=_SECRET, credential=_SECRET, same_origin=st.booleans())
+def test_no_signed_url_or_credential_of_any_redirect_reaches_disk(
+    signature: str, credential: str, same_origin: bool
+) -> None:
+    """Any signed redirect target, same origin or a CDN: the blob is served verified from
+    the disk store once the registry fails, and neither the signature nor the credential
+    is in any file the store wrote."""
+    import tempfile
+
+    layer = b"layer bytes" * 50
+    digest = "sha256:" + hashlib.sha256(layer).hexdigest()
+    cdn = "registry.test" if same_origin else "cdn.test"
+    registry_up = True
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "registry.test" and request.url.path.startswith("/v2/"):
+            if not registry_up:
+                return httpx.Response(503)
+            location = f"https://{cdn}/o/{digest[7:15]}?X-Amz-Signature={signature}"
+            return httpx.Response(307, headers={"location": location})
+        return httpx.Response(200, stream=Streamed(layer))
+
+    async def scenario(root: Path) -> None:
+        nonlocal registry_up
+        clock = ManualClock()
+        cache = FallbackCache(DiskStore(root), clock=clock)
+        transport = ResilientTransport(httpx.MockTransport(handler), clock=clock, cache=cache)
+        url = f"https://registry.test/v2/lib/app/blobs/{digest}"
+        headers = {"authorization": f"Bearer {credential}"}
+        async with httpx.AsyncClient(transport=transport) as client:
+            assert (await client.get(url, headers=headers)).content == layer
+            registry_up = False
+            again = await client.get(url, headers=headers)
+        assert again.content == layer and again.headers["x-seawall-cache"] == "verified"
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        asyncio.run(scenario(root))
+        names = " ".join(str(p) for p in root.rglob("*")).encode()
+        written = b"".join(p.read_bytes() for p in root.rglob("*") if p.is_file())
+        assert layer in written  # the store did write the blob
+        for secret in (signature.encode(), credential.encode()):
+            assert secret not in names and secret not in written
 
 
 # --------------------------------------------------------------------------- stores

@@ -486,8 +486,7 @@ class Call(Generic[Req, Resp]):
         :class:`RateLimitWaitTooLong` when pacing would pass the deadline.
         """
         core = self.core
-        if self._replayable is None:
-            self._replayable = self.face.replayable(self.request)  # before anything is sent
+        self.replayable()  # judged before anything is sent
         self.attempts += 1
         host = self.host
         breakers = core.breakers
