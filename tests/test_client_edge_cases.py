@@ -72,11 +72,16 @@ async def test_waiting_for_pacing_is_not_the_upstreams_slowness(clock: ManualClo
     assert calls > 0 and slow_rate == 0.0
 
 
-class Chunks(httpx.SyncByteStream):
+class Chunks(httpx.SyncByteStream, httpx.AsyncByteStream):
+    """A body that arrives as a network body does, for either colour of transport."""
+
     def __init__(self, body: bytes) -> None:
         self.body = body
 
     def __iter__(self) -> Iterator[bytes]:
+        yield self.body
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
         yield self.body
 
 
@@ -97,6 +102,42 @@ def test_a_sync_face_in_the_revalidate_window_answers_fresh_data(clock: ManualCl
         clock.advance(60)  # stale, inside the revalidate window
         again = client.get("http://up.test/simple/x/")
     assert again.content == b"v2" and "x-seawall-cache" not in again.headers
+
+
+async def test_a_refresh_cancelled_before_it_ran_leaves_the_entry_refreshable(
+    clock: ManualClock,
+) -> None:
+    """One refresh per entry at a time: the claim must be given back even when the
+    transport closes before the background refresh took its first step (its ``finally``
+    never runs), or no transport sharing the cache would refresh that entry again."""
+    version = [b"v1"]
+    asked: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        asked.append(str(request.url))
+        headers = {"cache-control": "max-age=10, stale-while-revalidate=300"}
+        return httpx.Response(200, headers=headers, stream=Chunks(version[0]))
+
+    cache = FallbackCache(policy=CachePolicy(stale_while_revalidate=300), clock=clock)
+    url = "http://up.test/simple/x/"
+    first = ResilientTransport(httpx.MockTransport(handler), clock=clock, cache=cache)
+    async with httpx.AsyncClient(transport=first) as client:
+        assert (await client.get(url)).content == b"v1"
+        version[0] = b"v2"
+        clock.advance(60)  # stale, inside the revalidate window
+        stale = await client.get(url)
+    # the client closed at once: the refresh was cancelled before it ran
+    assert stale.content == b"v1" and len(asked) == 1
+    second = ResilientTransport(httpx.MockTransport(handler), clock=clock, cache=cache)
+    async with httpx.AsyncClient(transport=second) as client:
+        await client.get(url)  # stale again: this transport may refresh it
+        layer = second._pipeline.cache_layer
+        assert layer is not None
+        await layer._tasks.join()
+    assert len(asked) == 2
+    third = ResilientTransport(httpx.MockTransport(handler), clock=clock, cache=cache)
+    async with httpx.AsyncClient(transport=third) as client:
+        assert (await client.get(url)).content == b"v2"  # the refresh was kept
 
 
 @pytest.mark.parametrize("value", ["\u00b2", "1\u00b2", "-1", "12a", " 7 ", "9" * 40])

@@ -175,10 +175,18 @@ class AsyncTasks:
     def __init__(self) -> None:
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def start(self, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    async def start(
+        self,
+        work: Callable[[], Coroutine[Any, Any, None]],
+        done: Callable[[], None] | None = None,
+    ) -> None:
+        """Run ``work`` in a task; ``done`` runs when it ends, even when it was cancelled
+        before its first step (when a ``finally`` inside it never runs)."""
         task = asyncio.get_running_loop().create_task(work())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if done is not None:
+            task.add_done_callback(lambda _task: done())
 
     async def join(self) -> None:
         """Wait for the work started so far (tests, and a graceful shutdown)."""
@@ -203,9 +211,13 @@ class SyncTasks:
     __slots__ = ()
     background = False
 
-    def start(self, work: Callable[[], None]) -> None:
-        with contextlib.suppress(Exception):
-            work()
+    def start(self, work: Callable[[], None], done: Callable[[], None] | None = None) -> None:
+        try:
+            with contextlib.suppress(Exception):
+                work()
+        finally:
+            if done is not None:
+                done()
 
     def join(self) -> None:
         pass

@@ -445,8 +445,12 @@ class AsyncCacheLayer(Generic[Req, Resp]):
             return self._answer(request, method, hit, "fresh")
         if hit is not None and self._tasks.background and self._serve_then_revalidate(hit, info):
             stale = hit
-            if self.cache.claim(_REVALIDATING + hit.key):  # one refresh at a time, not a herd
-                await self._tasks.start(lambda: self._revalidate(request, info, stale, inner))
+            claim = _REVALIDATING + hit.key
+            if self.cache.claim(claim):  # one refresh at a time, not a herd
+                await self._tasks.start(
+                    lambda: self._revalidate(request, info, stale, inner),
+                    done=lambda: self.cache.release(claim),
+                )
             return self._answer(request, method, hit, "stale-while-revalidate")
         conditional = self._conditional(request, info, hit)
         wait = self.cache.policy.fallback_after
@@ -576,8 +580,6 @@ class AsyncCacheLayer(Generic[Req, Resp]):
                 await body.aclose()
         except Exception:
             pass  # a failed refresh leaves the stale copy; the next request tries again
-        finally:
-            self.cache.release(_REVALIDATING + hit.key)
 
     async def aclose(self) -> None:
         await self._tasks.aclose()

@@ -446,8 +446,12 @@ class SyncCacheLayer(Generic[Req, Resp]):
             return self._answer(request, method, hit, "fresh")
         if hit is not None and self._tasks.background and self._serve_then_revalidate(hit, info):
             stale = hit
-            if self.cache.claim(_REVALIDATING + hit.key):  # one refresh at a time, not a herd
-                self._tasks.start(lambda: self._revalidate(request, info, stale, inner))
+            claim = _REVALIDATING + hit.key
+            if self.cache.claim(claim):  # one refresh at a time, not a herd
+                self._tasks.start(
+                    lambda: self._revalidate(request, info, stale, inner),
+                    done=lambda: self.cache.release(claim),
+                )
             return self._answer(request, method, hit, "stale-while-revalidate")
         conditional = self._conditional(request, info, hit)
         wait = self.cache.policy.fallback_after
@@ -577,8 +581,6 @@ class SyncCacheLayer(Generic[Req, Resp]):
                 body.close()
         except Exception:
             pass  # a failed refresh leaves the stale copy; the next request tries again
-        finally:
-            self.cache.release(_REVALIDATING + hit.key)
 
     def close(self) -> None:
         self._tasks.close()
