@@ -13,6 +13,7 @@ from seawall.cache.fallback import (
 )
 from seawall.cache.keys import RequestInfo, register_extractor
 from seawall.cache.memory import MemoryStore
+from seawall.cache.shared import SharedMetaStore
 from seawall.cache.store import CacheEvicted, CacheWritesDisabled, Store, Writer
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "Hit",
     "MemoryStore",
     "RequestInfo",
+    "SharedMetaStore",
     "Store",
     "Writer",
     "register_extractor",
