@@ -337,12 +337,18 @@ def _plots(summary: Summary, out: Path) -> list[tuple[str, str]]:
             len(protected), 1, figsize=(13, 3.6 * len(protected)), dpi=110, squeeze=False
         )
         keys = ("shed.shed", "limited", "served", "rejected", "budget_exhausted", "scheduled")
+        # one colour per decision in every panel, so panels compare at a glance
+        shown = sorted(
+            {n for r in protected for n in r.series["events"] if any(k in n for k in keys)}
+        )
+        palette = plt.get_cmap("tab10")
+        hue = {name: palette(i % 10) for i, name in enumerate(shown)}
         for ax, r in zip(axes[:, 0], protected, strict=True):
             _shade(ax, replay)
             events = r.series["events"]
-            wanted = [name for name in events if any(k in name for k in keys)]
+            wanted = [name for name in shown if name in events]
             for name in wanted[:8]:
-                ax.step(t, events[name], where="post", lw=1.3, label=name)
+                ax.step(t, events[name], where="post", lw=1.3, label=name, color=hue[name])
             ax.set_ylabel("decisions / s")
             ax.set_title(f"{r.scenario}: seawall's decisions per second")
             _clock_axis(ax, replay)
