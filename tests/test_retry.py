@@ -136,6 +136,36 @@ def test_budget_minimum_rate_lets_a_quiet_client_retry(clock: ManualClock) -> No
     assert sum(budget.try_spend("h") for _ in range(20)) == 5  # 0.5/s x 10 s
 
 
+@pytest.mark.parametrize(("firsts", "allowed"), [(100, 10), (20, 5), (50, 5), (60, 6)])
+def test_budget_is_the_larger_of_ratio_and_minimum_never_their_sum(
+    clock: ManualClock, firsts: int, allowed: int
+) -> None:
+    # ratio 0.1 and a floor of 0.5/s x 10 s = 5: a busy host gets 10% of its first
+    # attempts (amplification stays 1.1), a quiet one its floor; a sum would give both more.
+    budget = RetryBudget(ratio=0.1, min_retries_per_second=0.5, window=10, clock=clock)
+    for _ in range(firsts):
+        budget.record_attempt("h")
+    assert budget.available("h") == allowed
+    assert sum(budget.try_spend("h") for _ in range(3 * allowed)) == allowed
+    assert budget.available("h") == 0
+
+
+def test_a_spent_budget_keeps_refusing_until_its_window_moves_on(clock: ManualClock) -> None:
+    budget = RetryBudget(ratio=0.5, min_retries_per_second=0.0, window=10, clock=clock)
+    for _ in range(4):
+        budget.record_attempt("h")
+    assert [budget.try_spend("h") for _ in range(3)] == [True, True, False]
+    for _ in range(5):  # a refused retry takes nothing, and refusing does not wear out
+        clock.advance(1)
+        assert not budget.try_spend("h")
+        assert budget.available("h") == 0
+    clock.advance(5.01)  # the first attempts and the retries have left the window
+    assert budget.available("h") == 0
+    budget.record_attempt("h")
+    budget.record_attempt("h")
+    assert [budget.try_spend("h") for _ in range(2)] == [True, False]
+
+
 def test_budget_window_slides(clock: ManualClock) -> None:
     budget = RetryBudget(ratio=0.5, min_retries_per_second=0.0, window=10, clock=clock)
     for _ in range(10):
