@@ -12,8 +12,20 @@ from hypothesis import strategies as st
 
 from seawall.clock import ManualClock
 from seawall.errors import PolicyError
+from seawall.events import Event, EventBus
 from seawall.policy.retry import ClientPolicy, RetryPolicy
-from seawall.retry import MAX_RETRY_AFTER, RetryBudget, full_jitter_backoff, parse_retry_after
+from seawall.retry import (
+    MAX_RETRY_AFTER,
+    Retries,
+    RetriesExhausted,
+    RetryAfterHonoured,
+    RetryBudget,
+    RetryBudgetExhausted,
+    RetryScheduled,
+    Verdict,
+    full_jitter_backoff,
+    parse_retry_after,
+)
 
 WALL = 1_700_000_000.0
 
@@ -371,3 +383,126 @@ async def test_tenacity_can_retry_a_cancelled_error_ours_never_does() -> None:
             except asyncio.CancelledError as exc:
                 await clock.sleep(retries.after_exception(exc))
     assert attempts == 1
+
+
+# ---------------------------------------------------------------- what a call tells
+
+
+def _retries(
+    clock: ManualClock,
+    bus: EventBus,
+    *,
+    attempts: int = 3,
+    budget: RetryBudget | None = None,
+    deadline: float = 30.0,
+) -> Retries[str]:
+    return Retries(
+        host="registry.test",
+        policy=RetryPolicy(attempts=attempts, backoff_base=1.0, backoff_cap=8.0),
+        deadline_at=clock.now() + deadline,
+        budget=budget,
+        judge_result=lambda r: Verdict(r != "ok", r, 4.0 if r == "shed" else None),
+        judge_exception=lambda e: Verdict(True, "connect"),
+        clock=clock,
+        events=bus,
+        rng=lambda: 0.5,
+    )
+
+
+def _recorded() -> tuple[EventBus, list[Event]]:
+    bus, seen = EventBus(), []
+    bus.subscribe(seen.append)
+    return bus, seen
+
+
+def test_each_retry_is_announced_with_its_time_attempt_wait_and_reason() -> None:
+    clock = ManualClock(start=100.0)
+    bus, seen = _recorded()
+    retries = _retries(clock, bus)
+    # shed with Retry-After 4: longer than the backoff (0.5 x 1 s), so honoured
+    assert retries.after_result("shed") == 4.0
+    clock.advance(4.0)
+    wait = retries.after_result("timeout")  # second retry: 0.5 x 2 s of backoff
+    assert wait == 1.0
+    clock.advance(wait)
+    assert retries.after_result("timeout") is None  # the third attempt was the last
+    assert seen == [
+        RetryAfterHonoured(at=100.0, host="registry.test", retry_after=4.0, wait=4.0),
+        RetryScheduled(at=100.0, host="registry.test", attempt=1, wait=4.0, reason="shed"),
+        RetryScheduled(at=104.0, host="registry.test", attempt=2, wait=1.0, reason="timeout"),
+        RetriesExhausted(
+            at=105.0, host="registry.test", attempts=3, why="attempts", reason="timeout"
+        ),
+    ]
+
+
+def test_a_call_stopped_by_its_budget_says_so_at_the_attempt_it_stopped() -> None:
+    clock = ManualClock(start=50.0)
+    bus, seen = _recorded()
+    budget = RetryBudget(ratio=0.0, min_retries_per_second=0.1, window=10, clock=clock)
+    retries = _retries(clock, bus, attempts=5, budget=budget)
+    with pytest.raises(ConnectionError):
+        clock.advance(retries.after_exception(ConnectionError("refused")))  # the one retry
+        retries.after_exception(ConnectionError("refused"))
+    assert seen[1:] == [
+        RetryBudgetExhausted(at=50.5, host="registry.test", attempt=2, reason="connect"),
+        RetriesExhausted(at=50.5, host="registry.test", attempts=2, why="budget", reason="connect"),
+    ]
+    assert budget.available("registry.test") == 0
+
+    # Spent before the first retry: no retry machinery, the same story at attempt 1.
+    seen.clear()
+    again = _retries(clock, bus, attempts=5, budget=budget)
+    assert again.after_result("shed") is None  # the upstream's answer stands
+    assert seen == [
+        RetryBudgetExhausted(at=50.5, host="registry.test", attempt=1, reason="shed"),
+        RetriesExhausted(at=50.5, host="registry.test", attempts=1, why="budget", reason="shed"),
+    ]
+
+
+def test_a_single_attempt_policy_gives_up_at_once_and_says_why() -> None:
+    clock = ManualClock(start=7.0)
+    bus, seen = _recorded()
+    assert _retries(clock, bus, attempts=1).after_result("timeout") is None
+    assert seen == [
+        RetriesExhausted(at=7.0, host="registry.test", attempts=1, why="attempts", reason="timeout")
+    ]
+
+
+def test_a_retry_that_could_not_start_before_the_deadline_is_not_taken() -> None:
+    clock = ManualClock(start=0.0)
+    bus, seen = _recorded()
+    budget = RetryBudget(ratio=0.0, min_retries_per_second=1.0, window=10, clock=clock)
+    retries = _retries(clock, bus, attempts=10, budget=budget, deadline=5.0)
+    assert retries.after_result("shed") == 4.0
+    clock.advance(4.0)
+    # the next wait (1 s of backoff) would start the retry at the deadline: none is sent
+    assert retries.after_result("timeout") is None
+    assert seen[-1] == RetriesExhausted(
+        at=4.0, host="registry.test", attempts=2, why="deadline", reason="timeout"
+    )
+    # the deadline stop is asked before the budget: the refused retry spent nothing
+    assert budget.available("registry.test") == 9
+
+
+def test_a_zone_less_http_date_is_gmt_whatever_the_local_zone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import time
+
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    try:
+        # asctime form (RFC 9110's obsolete third form): no zone, meant as GMT
+        assert parse_retry_after("Tue Nov 14 22:13:40 2023", WALL) == 20.0
+        assert parse_retry_after("Tue, 14 Nov 2023 23:13:40 +0100", WALL) == 20.0
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+
+
+@pytest.mark.parametrize(("padding", "expected"), [(62, 10.0), (63, None)])
+def test_a_retry_after_longer_than_64_characters_is_ignored(
+    padding: int, expected: float | None
+) -> None:
+    assert parse_retry_after("0" * padding + "10", WALL) == expected
