@@ -15,6 +15,7 @@ from seawall.errors import PolicyError
 from seawall.events import Event, EventBus
 from seawall.policy.retry import ClientPolicy, RetryPolicy
 from seawall.retry import (
+    FINAL,
     MAX_RETRY_AFTER,
     Retries,
     RetriesExhausted,
@@ -458,6 +459,53 @@ def test_a_call_stopped_by_its_budget_says_so_at_the_attempt_it_stopped() -> Non
         RetryBudgetExhausted(at=50.5, host="registry.test", attempt=1, reason="shed"),
         RetriesExhausted(at=50.5, host="registry.test", attempts=1, why="budget", reason="shed"),
     ]
+
+
+def test_a_retry_after_shorter_than_the_backoff_or_not_honoured_is_not_reported() -> None:
+    clock = ManualClock(start=0.0)
+    bus, seen = _recorded()
+    retries: Retries[str] = Retries(
+        host="registry.test",
+        policy=RetryPolicy(attempts=3, backoff_base=4.0, backoff_cap=8.0),
+        deadline_at=30.0,
+        budget=None,
+        judge_result=lambda r: Verdict(True, r, 1.0),  # Retry-After: 1
+        judge_exception=lambda e: FINAL,
+        clock=clock,
+        events=bus,
+        rng=lambda: 0.5,
+    )
+    assert retries.after_result("busy") == 2.0  # our own backoff is the longer wait
+    ignoring: Retries[str] = Retries(
+        host="registry.test",
+        policy=RetryPolicy(attempts=3, backoff_base=1.0, honor_retry_after=False),
+        deadline_at=30.0,
+        budget=None,
+        judge_result=lambda r: Verdict(True, r, 20.0),  # Retry-After: 20, ignored
+        judge_exception=lambda e: FINAL,
+        clock=clock,
+        events=bus,
+        rng=lambda: 0.5,
+    )
+    assert ignoring.after_result("busy") == 0.5
+    assert [type(e) for e in seen] == [RetryScheduled, RetryScheduled]
+
+
+def test_the_retry_predicate_composes_with_plain_tenacity() -> None:
+    import tenacity
+
+    from seawall.retry import retry_if_retryable
+
+    clock = ManualClock()
+    call = _retries(clock, EventBus())
+    answers = iter(["shed", "timeout", "not found", "ok"])
+    retrying = tenacity.Retrying(
+        retry=retry_if_retryable(call) & tenacity.retry_if_result(lambda r: r != "timeout"),
+        stop=tenacity.stop_after_attempt(5),
+        sleep=clock.sleep_sync,
+    )
+    assert retrying(lambda: next(answers)) == "timeout"  # retried only "shed"
+    assert call.last == Verdict(True, "timeout")
 
 
 def test_a_single_attempt_policy_gives_up_at_once_and_says_why() -> None:
