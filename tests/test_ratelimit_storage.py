@@ -457,7 +457,10 @@ async def test_several_rates_decide_whole_and_name_the_tightest(
             "rules": [{"limit": "8/minute", "key": "global", "name": "global"}],
         }
     )
-    limiter = RateLimiter(policy, clock=clock, events=EventBus())
+    bus = EventBus()
+    seen: list[Event] = []
+    bus.subscribe(seen.append)
+    limiter = RateLimiter(policy, clock=clock, events=bus)
 
     async def hit(who: str) -> tuple[object, ...]:
         d = await limiter.hit((who, "*"), cost=2)
@@ -473,6 +476,21 @@ async def test_several_rates_decide_whole_and_name_the_tightest(
     assert await hit("b") == (True, "default", 4, 60, 2)
     assert await hit("b") == (True, "default", 4, 60, 0)  # both at 0: the first rate
     assert await hit("c") == (False, "global", 8, 60, 0)
+    # each event names the key of the rate that decided, not the first key
+    first = RateLimitAdmitted(at=clock.now(), rule="default", key="a", cost=2, remaining=2)
+    assert seen[0] == first
+    refused = seen[-1]
+    assert isinstance(refused, RateLimited)
+    assert refused == RateLimited(
+        at=clock.now(),
+        rule="global",
+        key="*",
+        cost=2,
+        limit=8,
+        window=60,
+        retry_after=refused.retry_after,
+    )
+    assert 0 < refused.retry_after <= 60
     clock.advance(121)  # two windows: every strategy has forgotten
     assert await hit("c") == (True, "default", 4, 60, 2)
 
