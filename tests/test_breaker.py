@@ -494,3 +494,144 @@ def test_registry_evicts_closed_idle_breakers_first(clock: ManualClock) -> None:
 def test_registry_rejects_bad_size() -> None:
     with pytest.raises(ValueError):
         BreakerRegistry(max_breakers=0)
+
+
+# -- hooks for state shared across processes (seawall.shared_breaker) -----------------------
+
+
+def test_a_remote_open_or_close_is_taken_once_and_told_to_listeners() -> None:
+    clock = ManualClock(start=100.0)
+    bus = EventBus()
+    seen = events_of(bus)
+    heard: list[tuple[CircuitBreaker, BreakerStateChanged]] = []
+    breaker = CircuitBreaker("up", COUNT, clock=clock, events=bus)
+    breaker.add_listener(lambda b, e: heard.append((b, e)))
+    assert breaker.apply_remote(BreakerState.OPEN, 10.0)
+    opened = BreakerStateChanged(
+        at=100.0,
+        breaker="up",
+        old=BreakerState.CLOSED,
+        new=BreakerState.OPEN,
+        generation=1,
+        failure_rate=0.0,
+        slow_rate=0.0,
+        reason="remote_open",
+        open_for=10.0,
+    )
+    assert seen == [opened]
+    assert heard == [(breaker, opened)]
+    assert (breaker.retry_at, breaker.opened_at, breaker.consecutive_trips) == (110.0, 100.0, 1)
+    with pytest.raises(CircuitOpenError):
+        breaker.admit()
+
+    clock.advance(1.0)
+    assert not breaker.apply_remote(BreakerState.OPEN, 9.0)  # ends no later: nothing
+    assert breaker.retry_at == 110.0
+    assert not breaker.apply_remote(BreakerState.OPEN, 20.0)  # later: same state, no event
+    assert (breaker.retry_at, breaker.opened_at) == (121.0, 101.0)
+    assert [type(e) for e in seen] == [BreakerStateChanged, BreakerRejected]
+
+    assert breaker.apply_remote(BreakerState.CLOSED)
+    assert breaker.state is BreakerState.CLOSED
+    closed = seen[-1]
+    assert isinstance(closed, BreakerStateChanged)
+    assert (closed.old, closed.new, closed.reason, closed.generation) == (
+        BreakerState.OPEN,
+        BreakerState.CLOSED,
+        "remote_close",
+        2,
+    )
+    assert closed.open_for is None
+    assert breaker.consecutive_trips == 0
+    assert not breaker.apply_remote(BreakerState.CLOSED)  # already closed
+    assert not breaker.apply_remote(BreakerState.HALF_OPEN)  # not a state to take
+    assert len(heard) == 2
+    succeed(breaker)  # closed: calls go through
+
+
+def test_a_remote_open_after_the_local_one_elapsed_reopens_from_half_open() -> None:
+    clock = ManualClock(start=0.0)
+    bus = EventBus()
+    seen = events_of(bus)
+    breaker = CircuitBreaker("up", COUNT, clock=clock, events=bus)
+    fail(breaker, 4)
+    assert breaker.consecutive_trips == 1
+    clock.advance(COUNT.open_duration)
+    assert breaker.apply_remote(BreakerState.OPEN, 5.0)
+    changes = [e for e in seen if isinstance(e, BreakerStateChanged)]
+    assert [(e.new, e.reason) for e in changes] == [
+        (BreakerState.OPEN, "failure_rate"),
+        (BreakerState.HALF_OPEN, "open_period_elapsed"),
+        (BreakerState.OPEN, "remote_open"),
+    ]
+    assert breaker.consecutive_trips == 1  # a remote open is no new local trip
+    assert breaker.retry_at == COUNT.open_duration + 5.0
+
+
+def test_gated_probes_wait_for_a_grant_of_this_half_open_period() -> None:
+    clock = ManualClock(start=0.0)
+    policy = BreakerPolicy(
+        window="count", window_size=10, minimum_calls=4, jitter=0.0, half_open_probes=2
+    )
+    breaker = CircuitBreaker("up", policy, clock=clock, events=EventBus())
+    breaker.gate_probes()
+    assert not breaker.grant_probes(breaker.generation, 2)  # closed: nothing to grant
+    fail(breaker, 4)
+    clock.advance(policy.open_duration)
+    assert breaker.state is BreakerState.HALF_OPEN
+    with pytest.raises(CircuitOpenError) as refused:
+        breaker.admit()  # another process may be probing
+    assert refused.value.state is BreakerState.HALF_OPEN
+    assert not breaker.grant_probes(breaker.generation - 1, 2)  # an older half-open period
+    assert breaker.grant_probes(breaker.generation, 5)  # capped at half_open_probes
+    probes = [breaker.admit(), breaker.admit()]
+    assert all(p.probe for p in probes)
+    with pytest.raises(CircuitOpenError):
+        breaker.admit()
+    for p in probes:
+        breaker.record(p, Outcome.SUCCESS, 0.01)
+    assert breaker.state is BreakerState.CLOSED
+
+    fail(breaker, 4)
+    clock.advance(2 * policy.open_duration)
+    assert breaker.state is BreakerState.HALF_OPEN
+    assert breaker.grant_probes(breaker.generation, 0)
+    with pytest.raises(CircuitOpenError):
+        breaker.admit()
+    breaker.gate_probes(False)  # ungated: the policy's own probes, at once
+    assert breaker.admit().probe
+
+
+def test_a_registry_hands_its_listeners_and_gating_to_every_breaker() -> None:
+    clock = ManualClock(start=0.0)
+    heard: list[str] = []
+    registry = BreakerRegistry(COUNT, clock=clock, events=EventBus())
+    early = registry.get("early")
+    registry.add_listener(lambda b, e: heard.append(f"{b.name}:{e.new.value}"))
+    registry.gate_probes()
+    late = registry.get("late")
+    assert registry.peek("late") is late
+    assert registry.peek("never") is None and "never" not in registry
+    for breaker in (early, late):
+        fail(breaker, 4)
+    clock.advance(COUNT.open_duration)
+    for breaker in (early, late):
+        assert breaker.state is BreakerState.HALF_OPEN
+        with pytest.raises(CircuitOpenError):
+            breaker.admit()  # gated, both the one made before and the one made after
+    assert heard == ["early:open", "late:open", "early:half_open", "late:half_open"]
+    registry.gate_probes(False)
+    assert early.admit().probe and late.admit().probe
+
+
+def test_a_permit_from_another_breaker_is_refused_by_name() -> None:
+    clock = ManualClock()
+    one = CircuitBreaker("one", COUNT, clock=clock, events=EventBus())
+    other = CircuitBreaker("other", COUNT, clock=clock, events=EventBus())
+    permit = one.admit()
+    with pytest.raises(ValueError) as wrong:
+        other.record(permit, Outcome.SUCCESS, 0.01)
+    assert str(wrong.value) == (
+        "<Permit call #1 gen=0 of 'one'> was not issued by <CircuitBreaker 'other' closed gen=0>"
+    )
+    assert one.in_flight == 1 and other.in_flight == 0
