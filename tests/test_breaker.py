@@ -237,7 +237,19 @@ def test_open_rejects_with_host_and_retry_time(clock: ManualClock) -> None:
     assert "6.0s" in str(err)
     rejected = [e for e in seen if isinstance(e, BreakerRejected)]
     assert rejected[-1].retry_in == pytest.approx(6.0)
-    assert pickle.loads(pickle.dumps(err)).retry_in == err.retry_in
+    assert str(err) == (
+        "circuit breaker for 'registry.test:443' is open; the upstream is not called. "
+        "Next probe in 6.0s"
+    )
+    assert err.message == str(err)  # what aiobreaker's handlers read
+    again = pickle.loads(pickle.dumps(err))  # crosses process pools whole
+    assert (again.name, again.retry_at, again.retry_in, again.state, str(again)) == (
+        err.name,
+        err.retry_at,
+        err.retry_in,
+        BreakerState.OPEN,
+        str(err),
+    )
 
 
 def test_open_duration_backs_off_on_repeated_trips_and_resets_on_close(clock: ManualClock) -> None:
@@ -635,3 +647,144 @@ def test_a_permit_from_another_breaker_is_refused_by_name() -> None:
         "<Permit call #1 gen=0 of 'one'> was not issued by <CircuitBreaker 'other' closed gen=0>"
     )
     assert one.in_flight == 1 and other.in_flight == 0
+
+
+def test_a_whole_cycle_is_told_by_its_state_changes() -> None:
+    """Trip on failures, a slow probe and a failed probe re-open it (backing off), and the
+    probes that succeed close it; each change carries its time, rates, reason and period."""
+    clock = ManualClock(start=1000.0)
+    bus = EventBus()
+    seen = events_of(bus)
+    policy = COUNT.replace(
+        open_duration=10.0,
+        backoff_multiplier=2.0,
+        max_open_duration=100.0,
+        half_open_probes=2,
+        slow_call_duration=1.0,
+        slow_call_rate_threshold=0.5,
+    )
+    breaker = CircuitBreaker("up", policy, clock=clock, events=bus)
+    succeed(breaker, 1, duration=2.0)  # slow, and a success
+    fail(breaker, 3)  # 4 calls: 75% failed, 25% slow
+    clock.advance(10.0)
+    assert breaker.state is BreakerState.HALF_OPEN
+    breaker.record(breaker.admit(), Outcome.SUCCESS, 1.5)  # a slow probe
+    clock.advance(20.0)
+    breaker.record(breaker.admit(), Outcome.FAILURE, 0.1)
+    clock.advance(40.0)
+    probes = [breaker.admit(), breaker.admit()]
+    for p in probes:
+        breaker.record(p, Outcome.SUCCESS, 0.1)
+    changes = [e for e in seen if isinstance(e, BreakerStateChanged)]
+
+    def change(at: float, old: str, new: str, gen: int, fr: float, sr: float, why: str,
+               open_for: float | None = None) -> BreakerStateChanged:
+        return BreakerStateChanged(
+            at=at, breaker="up", old=BreakerState(old), new=BreakerState(new), generation=gen,
+            failure_rate=fr, slow_rate=sr, reason=why, open_for=open_for,
+        )  # fmt: skip
+
+    assert changes == [
+        change(1000.0, "closed", "open", 1, 0.75, 0.25, "failure_rate", 10.0),
+        change(1010.0, "open", "half_open", 2, 0.0, 0.0, "open_period_elapsed"),
+        change(1010.0, "half_open", "open", 3, 0.0, 1.0, "probe_slow", 20.0),
+        change(1030.0, "open", "half_open", 4, 0.0, 0.0, "open_period_elapsed"),
+        change(1030.0, "half_open", "open", 5, 1.0, 0.0, "probe_failed", 40.0),
+        change(1070.0, "open", "half_open", 6, 0.0, 0.0, "open_period_elapsed"),
+        change(1070.0, "half_open", "closed", 7, 0.0, 0.0, "probes_succeeded"),
+    ]
+    assert breaker.consecutive_trips == 0
+    assert breaker.rates() == (0, 0.0, 0.0)  # the new closed period starts clean
+
+
+def test_a_slow_failed_probe_and_slow_calls_are_reported_as_slow() -> None:
+    clock = ManualClock(start=0.0)
+    bus = EventBus()
+    seen = events_of(bus)
+    policy = COUNT.replace(
+        slow_call_duration=1.0, slow_call_rate_threshold=0.5, failure_rate_threshold=0.9
+    )
+    breaker = CircuitBreaker("up", policy, clock=clock, events=bus)
+    succeed(breaker, 2, duration=0.1)
+    succeed(breaker, 2, duration=3.0)
+    assert breaker.state is BreakerState.OPEN
+    clock.advance(policy.open_duration)
+    breaker.record(breaker.admit(), Outcome.FAILURE, 5.0)
+    changes = [e for e in seen if isinstance(e, BreakerStateChanged)]
+    assert [(e.reason, e.failure_rate, e.slow_rate) for e in changes if e.new.value == "open"] == [
+        ("slow_call_rate", 0.0, 0.5),
+        ("probe_failed", 1.0, 1.0),
+    ]
+
+
+def test_the_count_window_forgets_the_oldest_outcome_and_its_slowness() -> None:
+    clock = ManualClock(start=0.0)
+    policy = BreakerPolicy(
+        window="count", window_size=4, minimum_calls=4, jitter=0.0, slow_call_duration=1.0
+    )
+    breaker = CircuitBreaker("up", policy, clock=clock, events=EventBus())
+    succeed(breaker, 1, duration=2.0)
+    fail(breaker, 1)
+    assert breaker.rates() == (2, 0.5, 0.5)
+    succeed(breaker, 3)  # the slow success leaves the window of 4
+    assert breaker.rates() == (4, 0.25, 0.0)
+    succeed(breaker, 1)  # and then the failure
+    assert breaker.rates() == (4, 0.0, 0.0)
+    succeed(breaker, 2, duration=2.0)
+    assert breaker.rates() == (4, 0.0, 0.5)
+    assert breaker.state is BreakerState.CLOSED
+
+
+def test_probes_are_counted_one_by_one_and_a_cancelled_one_frees_one_slot() -> None:
+    clock = ManualClock(start=0.0)
+    policy = COUNT.replace(half_open_probes=2, probe_timeout=5.0)
+    breaker = CircuitBreaker("up", policy, clock=clock, events=EventBus())
+    fail(breaker, 4)
+    clock.advance(policy.open_duration)
+    first, second = breaker.admit(), breaker.admit()
+    assert breaker.in_flight == 2
+    with pytest.raises(CircuitOpenError) as full:
+        breaker.admit()
+    assert "is half-open with every probe in flight" in str(full.value)
+    clock.advance(3.0)
+    breaker.record(first, Outcome.NEUTRAL, 0.0)  # cancelled: proved nothing
+    third = breaker.admit()
+    with pytest.raises(CircuitOpenError):
+        breaker.admit()  # exactly one slot came back
+    assert breaker.in_flight == 2
+    breaker.record(second, Outcome.SUCCESS, 0.1)  # one success of the two needed
+    clock.advance(3.0)  # 6 s since the first two probes, 3 s since the third
+    assert breaker.state is BreakerState.HALF_OPEN  # the answered probes are not timing out
+    clock.advance(2.0)  # the third probe has been out for the probe timeout
+    assert breaker.state is BreakerState.OPEN
+    assert breaker.in_flight == 1  # its permit is still out; its outcome will be ignored
+    breaker.record(third, Outcome.SUCCESS, 0.1)
+    assert breaker.state is BreakerState.OPEN and breaker.in_flight == 0
+
+
+async def test_call_measures_each_call_on_the_breakers_clock() -> None:
+    clock = ManualClock(start=5000.0)
+    policy = COUNT.replace(slow_call_duration=1.0, slow_call_rate_threshold=0.5)
+    breaker = CircuitBreaker("up", policy, clock=clock, events=EventBus())
+
+    async def quick() -> str:
+        await clock.sleep(0.5)
+        return "ok"
+
+    async def slow_429() -> None:
+        await clock.sleep(0.5)
+        request = httpx.Request("GET", "https://up/")
+        raise httpx.HTTPStatusError("429", request=request, response=httpx.Response(429))
+
+    for _ in range(3):
+        assert await breaker.call(quick) == "ok"
+    with pytest.raises(httpx.HTTPStatusError):
+        await breaker.call(slow_429)
+    assert breaker.rates() == (4, 0.0, 0.0)  # half-second calls; a 429 is no failure
+    counting = CircuitBreaker(
+        "up", policy.replace(count_429_as_failure=True), clock=clock, events=EventBus()
+    )
+    for _ in range(4):
+        with pytest.raises(httpx.HTTPStatusError):
+            await counting.call(slow_429)
+    assert counting.state is BreakerState.OPEN  # the policy's own classification
