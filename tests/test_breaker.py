@@ -738,7 +738,9 @@ def test_the_count_window_forgets_the_oldest_outcome_and_its_slowness() -> None:
 def test_probes_are_counted_one_by_one_and_a_cancelled_one_frees_one_slot() -> None:
     clock = ManualClock(start=0.0)
     policy = COUNT.replace(half_open_probes=2, probe_timeout=5.0)
-    breaker = CircuitBreaker("up", policy, clock=clock, events=EventBus())
+    bus = EventBus()
+    seen = events_of(bus)
+    breaker = CircuitBreaker("up", policy, clock=clock, events=bus)
     fail(breaker, 4)
     clock.advance(policy.open_duration)
     first, second = breaker.admit(), breaker.admit()
@@ -755,8 +757,26 @@ def test_probes_are_counted_one_by_one_and_a_cancelled_one_frees_one_slot() -> N
     breaker.record(second, Outcome.SUCCESS, 0.1)  # one success of the two needed
     clock.advance(3.0)  # 6 s since the first two probes, 3 s since the third
     assert breaker.state is BreakerState.HALF_OPEN  # the answered probes are not timing out
+    with pytest.raises(CircuitOpenError) as busy:
+        breaker.admit()  # the third probe decides within 2 s, before the open period
+    assert (busy.value.retry_at, busy.value.retry_in) == (18.0, 2.0)
+    rejected = [e for e in seen if isinstance(e, BreakerRejected)][-1]
+    assert rejected == BreakerRejected(
+        at=16.0, breaker="up", state=BreakerState.HALF_OPEN, retry_in=2.0
+    )
     clock.advance(2.0)  # the third probe has been out for the probe timeout
     assert breaker.state is BreakerState.OPEN
+    timed_out = [e for e in seen if isinstance(e, BreakerStateChanged)][-1]
+    assert (timed_out.at, timed_out.reason, timed_out.failure_rate, timed_out.slow_rate) == (
+        18.0,
+        "probe_timeout",
+        1.0,
+        0.0,
+    )
+    clock.advance(timed_out.open_for - 0.25)
+    with pytest.raises(CircuitOpenError) as soon:
+        breaker.admit()
+    assert soon.value.retry_in == pytest.approx(0.25)
     assert breaker.in_flight == 1  # its permit is still out; its outcome will be ignored
     breaker.record(third, Outcome.SUCCESS, 0.1)
     assert breaker.state is BreakerState.OPEN and breaker.in_flight == 0
@@ -788,3 +808,17 @@ async def test_call_measures_each_call_on_the_breakers_clock() -> None:
         with pytest.raises(httpx.HTTPStatusError):
             await counting.call(slow_429)
     assert counting.state is BreakerState.OPEN  # the policy's own classification
+
+
+def test_a_registry_builds_its_breakers_from_its_own_policy_clock_and_rng() -> None:
+    clock = ManualClock(start=0.0)
+    policy = COUNT.replace(open_duration=10.0, jitter=0.5)
+    registry = BreakerRegistry(policy, clock=clock, events=EventBus(), rng=lambda: 1.0)
+    breaker = registry.get("up")
+    assert breaker.policy is policy
+    fail(breaker, 4)
+    assert breaker.retry_at == 15.0  # 10 s x (1 + 0.5 x (2 x 1.0 - 1)), on the driven clock
+    assert len(BreakerRegistry(max_breakers=1)) == 0
+    for bad in (0, True, 1.5):
+        with pytest.raises(ValueError, match="max_breakers must be a whole number"):
+            BreakerRegistry(max_breakers=bad)  # type: ignore[arg-type]
