@@ -647,3 +647,48 @@ async def test_a_failing_shared_store_follows_the_policy_and_its_breaker(
     await limiter.hit(("ip:9",))
     reports = [r.getMessage() for r in caplog.records if "rate-limit storage" in r.getMessage()]
     assert reports == [warnings[0] + "; 1 more failures since the last report"] * 2
+
+
+async def test_a_shared_store_call_is_timed_on_the_clock_and_cancelling_it_proves_nothing(
+    limits_on_our_clock: ManualClock,
+) -> None:
+    from seawall.breaker import BreakerState
+    from seawall.policy.ratelimit import STORAGE_BREAKER
+
+    clock = limits_on_our_clock
+    policy = RateLimitPolicy(
+        limit="100/minute",
+        storage_breaker=STORAGE_BREAKER.replace(slow_call_duration=0.5),
+    )
+    store = _FlakyLimitsStore()
+    limiter = RateLimiter(policy, storage=store, clock=clock, events=EventBus())
+    for _ in range(5):  # answers take no driven time: never slow, whatever the clock reads
+        assert (await limiter.hit(("ip:1",))).admitted
+    breaker = limiter.storage_breaker
+    assert breaker is not None
+    assert breaker.rates() == (5, 0.0, 0.0)
+
+    entered = asyncio.Event()
+
+    class Stuck(_FlakyLimitsStore):
+        async def acquire_entry(self, *args: Any, **kwargs: Any) -> bool:
+            entered.set()
+            await asyncio.Event().wait()
+            return True
+
+    stuck = RateLimiter(
+        RateLimitPolicy(limit="100/minute", storage_timeout=30.0),
+        storage=Stuck(),
+        clock=clock,
+        events=EventBus(),
+    )
+    task = asyncio.create_task(stuck.hit(("ip:1",)))
+    await entered.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert stuck.storage_breaker is not None
+    assert stuck.storage_breaker.in_flight == 0  # its permit came back, as NEUTRAL
+    assert stuck.storage_breaker.rates() == (0, 0.0, 0.0)
+    assert stuck.storage_failures == 0
+    assert stuck.storage_breaker.state is BreakerState.CLOSED
