@@ -2,6 +2,7 @@
 
     python scripts/mutation_score.py             # killed / total per module, then survivors
     python scripts/mutation_score.py --markdown  # the same as a table for docs/mutation.md
+    python scripts/mutation_score.py --list      # and the name of every mutant not killed
 
 ``make mutate`` runs this after ``mutmut run``. A mutant counts as killed when a test failed
 or timed out on it; "no tests" (no selected test reaches the function) counts against the
@@ -27,6 +28,7 @@ def status(code: int | None) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--list", action="store_true", help="name every mutant not killed")
     parser.add_argument("--root", type=Path, default=Path("mutants"))
     args = parser.parse_args()
     metas = sorted(args.root.glob("src/**/*.py.meta"))
@@ -61,7 +63,7 @@ def main() -> int:
             rest = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if k not in KILLED.values())
             print(f"{module:40} {killed:5} / {n:<5} {100 * killed / n:5.1f}%  {rest}")
         print(f"{'all':40} {total_killed:5} / {total:<5} {100 * total_killed / total:5.1f}%")
-        if survivors:
+        if survivors and args.list:
             print(f"\n{len(survivors)} not killed (`mutmut show NAME` prints the change):")
             for name in survivors:
                 print("   ", name)
