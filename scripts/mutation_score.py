@@ -57,10 +57,13 @@ def main() -> int:
                 f"| `{module}` | {killed} / {n} | {100 * killed / n:.1f}% "
                 f"| {counts['survived']} | {counts['no tests']} |"
             )
-        print(f"| **all** | **{total_killed} / {total}** | **{100 * total_killed / total:.1f}%** | | |")
+        score = f"{100 * total_killed / total:.1f}%"
+        print(f"| **all** | **{total_killed} / {total}** | **{score}** | | |")
     else:
         for module, killed, n, counts in rows:
-            rest = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if k not in KILLED.values())
+            rest = ", ".join(
+                f"{k} {v}" for k, v in sorted(counts.items()) if k not in KILLED.values()
+            )
             print(f"{module:40} {killed:5} / {n:<5} {100 * killed / n:5.1f}%  {rest}")
         print(f"{'all':40} {total_killed:5} / {total:<5} {100 * total_killed / total:5.1f}%")
         if survivors and args.list:
