@@ -769,7 +769,8 @@ def test_waiters_have_no_deadline_until_overload(clock: ManualClock) -> None:
     policy = STATIC.replace(
         initial_limit=1, queue_target=0.01, queue_interval=0.5, overload_after=1.0
     )
-    lim = ConcurrencyLimiter(policy, clock=clock)
+    bus, seen = recorder()
+    lim = ConcurrencyLimiter(policy, clock=clock, events=bus)
     first = lim.try_acquire()
     assert isinstance(first, ConcurrencySlot)
     clock.advance(0.05)
@@ -789,9 +790,20 @@ def test_waiters_have_no_deadline_until_overload(clock: ManualClock) -> None:
     clock.advance(0.5)
     assert lim.time_left(late) == 0.0
     assert lim.wake_in(late) == 0.001  # wake at once, and at least a millisecond on
+    lim.expire()  # the calm waiter got its deadline when overload was declared: passed
+    assert calm.result == Rejection("expired", STATIC.default_priority, 1.0)
+    assert late.pending and lim.queued == 1  # a deadline reached is not yet passed
+    lim.expire(late)
+    assert late.pending
     clock.advance(0.1)
     lim.expire(late)
-    assert isinstance(late.result, Rejection) and late.result.reason == "expired"
+    assert late.result == Rejection("expired", STATIC.default_priority, 1.0)
+    assert lim.queued == 0
+    shed = [e for e in seen if isinstance(e, RequestShed)]
+    assert shed[-1] == RequestShed(at=clock.now(), reason="expired", priority=20, retry_after=1.0)
+    assert shed[-2] == RequestShed(
+        at=clock.now() - 0.1, reason="expired", priority=20, retry_after=1.0
+    )
 
 
 def test_retry_after_is_the_backlog_over_the_drain_rate(clock: ManualClock) -> None:
