@@ -819,3 +819,64 @@ def test_retry_after_is_the_backlog_over_the_drain_rate(clock: ManualClock) -> N
         lim.try_acquire()
     assert isinstance(held, ConcurrencySlot) and lim.queued == 2
     assert lim.retry_after() == 16.0  # (1 in flight + 2 queued + this one) / 0.25 per s
+
+
+def test_overload_keeps_what_the_drain_rate_serves_and_cuts_the_oldest_lowest_first(
+    clock: ManualClock,
+) -> None:
+    policy = STATIC.replace(
+        initial_limit=1, queue_target=0.01, queue_interval=0.5, overload_after=1.0
+    )
+    lim = ConcurrencyLimiter(policy, clock=clock)
+    first = lim.try_acquire()
+    assert isinstance(first, ConcurrencySlot)
+    clock.advance(0.05)
+    lim.release(first, latency=0.05)  # 20 per second: 0.5 s x 20 x 0.5 = 5 kept
+    slot = lim.try_acquire()
+    low = [lim.try_acquire(10) for _ in range(3)]
+    high = [lim.try_acquire(20) for _ in range(2)]
+    assert all(isinstance(w, Waiter) for w in low + high)
+    clock.advance(0.1)
+    assert lim.capacity() == policy.max_queue_length  # not overloaded yet: all may wait
+    for _ in range(11):
+        clock.advance(0.1)
+        lim.expire()
+        if lim.overloaded:
+            break
+    assert lim.overloaded and lim.capacity() == 5 and lim.queued == 5  # nobody cut yet
+    declared = clock.now()
+    assert all(w.pending for w in low + high)
+    assert all(w.deadline == declared + 0.5 for w in low + high)  # nobody waits on
+    more = [lim.try_acquire(10), lim.try_acquire(10)]  # queue full under overload:
+    assert isinstance(more[0], Waiter) and isinstance(more[1], Waiter)
+    displaced = [w for w in low if not w.pending]  # each newcomer displaces the oldest low
+    assert [w.result for w in displaced] == [Rejection("displaced", 10, 1.0)] * 2
+    assert displaced == low[:2] and lim.queued == 5
+    assert isinstance(slot, ConcurrencySlot)
+    lim.release(slot)  # under overload: the highest class, newest first
+    assert isinstance(high[1].result, ConcurrencySlot) and high[0].pending
+
+
+def test_declaring_overload_cuts_the_queue_to_what_drains_oldest_lowest_first(
+    clock: ManualClock,
+) -> None:
+    policy = STATIC.replace(
+        initial_limit=1, queue_target=0.01, queue_interval=0.5, overload_after=1.0
+    )
+    lim = ConcurrencyLimiter(policy, clock=clock)
+    first = lim.try_acquire()
+    assert isinstance(first, ConcurrencySlot)
+    clock.advance(0.05)
+    lim.release(first, latency=0.05)  # keeps 5 under overload
+    lim.try_acquire()
+    low = [lim.try_acquire(10) for _ in range(3)]
+    high = [lim.try_acquire(20) for _ in range(4)]
+    for _ in range(12):
+        clock.advance(0.1)
+        lim.expire()
+        if lim.overloaded:
+            break
+    assert lim.overloaded and lim.queued == 5
+    assert [w.pending for w in low] == [False, False, True]
+    assert all(w.pending for w in high)
+    assert low[0].result == Rejection("expired", 10, 1.0)
