@@ -554,3 +554,64 @@ def test_a_retry_after_longer_than_64_characters_is_ignored(
     padding: int, expected: float | None
 ) -> None:
     assert parse_retry_after("0" * padding + "10", WALL) == expected
+
+
+def test_a_default_budget_is_a_tenth_of_first_attempts_or_five_per_ten_seconds(
+    clock: ManualClock,
+) -> None:
+    quiet = RetryBudget(clock=clock)
+    quiet.record_attempt("h")
+    assert quiet.available("h") == 5.0  # 0.5 retries per second over 10 s
+    busy = RetryBudget(clock=clock)
+    for _ in range(200):
+        busy.record_attempt("h")
+    assert busy.available("h") == 20.0  # 10% of 200
+    clock.advance(10.0)
+    assert busy.available("h") == 5.0  # the window is 10 s
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"ratio": -0.1},
+        {"ratio": 1.01},
+        {"min_retries_per_second": -1.0},
+        {"window": 0.0},
+        {"buckets": 0},
+    ],
+)
+def test_a_budget_refuses_values_that_make_no_sense(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match=r"ratio in \[0, 1\], min rate >= 0"):
+        RetryBudget(**kwargs)  # type: ignore[arg-type]
+
+
+def test_a_budget_takes_the_edges_of_its_ranges(clock: ManualClock) -> None:
+    budget = RetryBudget(ratio=1.0, min_retries_per_second=0.0, window=0.5, buckets=1, clock=clock)
+    budget.record_attempt("h")
+    assert budget.try_spend("h") and not budget.try_spend("h")
+
+
+def test_a_budget_from_a_policy_keeps_its_window_clock_and_host_bound(clock: ManualClock) -> None:
+    policy = RetryPolicy(
+        budget_ratio=0.5, budget_min_retries_per_second=0.0, budget_window=20.0
+    )
+    budget = RetryBudget.from_policy(policy, clock=clock, max_hosts=2)
+    for _ in range(4):
+        budget.record_attempt("a")
+    clock.advance(15.0)  # still inside a 20 s window on the driven clock
+    assert budget.available("a") == 2.0
+    for host in "bcd":
+        budget.record_attempt(host)
+    assert len(budget) == 2
+
+
+def test_an_empty_budget_or_one_attempt_decides_without_a_phantom_host() -> None:
+    clock = ManualClock(start=7.0)
+    bus, seen = _recorded()
+    budget = RetryBudget(ratio=0.0, min_retries_per_second=0.0, clock=clock)
+    one = _retries(clock, bus, attempts=1, budget=budget)
+    assert one.after_result("timeout") is None
+    assert seen[-1].why == "attempts"  # type: ignore[attr-defined]
+    assert _retries(clock, bus, attempts=3, budget=budget).after_result("timeout") is None
+    assert seen[-1].why == "budget"  # type: ignore[attr-defined]
+    assert len(budget) == 1  # only the call's own host is tracked
