@@ -49,7 +49,7 @@ def test_a_window_needs_a_size_a_slice_and_a_field() -> None:
     import pytest
 
     for size, buckets, fields in [(0.0, 1, 1), (-1.0, 1, 1), (1.0, 0, 1), (1.0, 1, 0)]:
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=r"^size > 0, buckets >= 1 and fields >= 1$"):
             SlidingCounts(size, buckets, fields)
     smallest = SlidingCounts(0.5, 1, 1)
     assert smallest.add(0.1, 2) == (2,)
