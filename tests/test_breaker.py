@@ -536,10 +536,14 @@ def test_a_remote_open_or_close_is_taken_once_and_told_to_listeners() -> None:
     with pytest.raises(CircuitOpenError):
         breaker.admit()
 
-    clock.advance(1.0)
-    assert not breaker.apply_remote(BreakerState.OPEN, 9.0)  # ends no later: nothing
+    assert breaker.apply_remote(BreakerState.OPEN, 10.04) is False  # within 50 ms: the same
     assert breaker.retry_at == 110.0
-    assert not breaker.apply_remote(BreakerState.OPEN, 20.0)  # later: same state, no event
+    clock.advance(1.0)
+    assert breaker.apply_remote(BreakerState.OPEN, 9.0) is False  # ends no later: nothing
+    assert breaker.retry_at == 110.0
+    assert breaker.apply_remote(BreakerState.OPEN, 9.2) is False  # later: no event, longer
+    assert (breaker.retry_at, breaker.opened_at) == (110.2, 101.0)
+    assert breaker.apply_remote(BreakerState.OPEN, 20.0) is False
     assert (breaker.retry_at, breaker.opened_at) == (121.0, 101.0)
     assert [type(e) for e in seen] == [BreakerStateChanged, BreakerRejected]
 
@@ -547,7 +551,8 @@ def test_a_remote_open_or_close_is_taken_once_and_told_to_listeners() -> None:
     assert breaker.state is BreakerState.CLOSED
     closed = seen[-1]
     assert isinstance(closed, BreakerStateChanged)
-    assert (closed.old, closed.new, closed.reason, closed.generation) == (
+    assert (closed.at, closed.old, closed.new, closed.reason, closed.generation) == (
+        101.0,
         BreakerState.OPEN,
         BreakerState.CLOSED,
         "remote_close",
@@ -555,8 +560,8 @@ def test_a_remote_open_or_close_is_taken_once_and_told_to_listeners() -> None:
     )
     assert closed.open_for is None
     assert breaker.consecutive_trips == 0
-    assert not breaker.apply_remote(BreakerState.CLOSED)  # already closed
-    assert not breaker.apply_remote(BreakerState.HALF_OPEN)  # not a state to take
+    assert breaker.apply_remote(BreakerState.CLOSED) is False  # already closed
+    assert breaker.apply_remote(BreakerState.HALF_OPEN) is False  # not a state to take
     assert len(heard) == 2
     succeed(breaker)  # closed: calls go through
 
@@ -822,3 +827,20 @@ def test_a_registry_builds_its_breakers_from_its_own_policy_clock_and_rng() -> N
     for bad in (0, True, 1.5):
         with pytest.raises(ValueError, match="max_breakers must be a whole number"):
             BreakerRegistry(max_breakers=bad)  # type: ignore[arg-type]
+
+
+def test_a_default_breaker_and_a_failing_listener(
+    clock: ManualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    breaker = CircuitBreaker(clock=clock, events=EventBus())
+    assert (breaker.name, breaker.policy, breaker.opened_at) == ("default", BreakerPolicy(), None)
+    heard: list[str] = []
+
+    def broken(b: CircuitBreaker, e: BreakerStateChanged) -> None:
+        raise RuntimeError("exporter down")
+
+    breaker.add_listener(broken)
+    breaker.add_listener(lambda b, e: heard.append(e.reason))
+    assert breaker.apply_remote(BreakerState.OPEN, 5.0) is True  # the failure breaks nothing
+    assert heard == ["remote_open"]
+    assert [r.getMessage() for r in caplog.records] == [f"breaker listener {broken!r} failed"]
