@@ -692,3 +692,19 @@ async def test_a_shared_store_call_is_timed_on_the_clock_and_cancelling_it_prove
     assert stuck.storage_breaker.rates() == (0, 0.0, 0.0)
     assert stuck.storage_failures == 0
     assert stuck.storage_breaker.state is BreakerState.CLOSED
+
+
+@pytest.mark.parametrize("store", ["memory", "limits"])
+async def test_one_rate_decides_whole_to_the_last_half_second(
+    limits_on_our_clock: ManualClock, store: str
+) -> None:
+    clock = limits_on_our_clock
+    policy = RateLimitPolicy(limit="3/minute")  # moving window: one combined hit and read
+    storage = _FlakyLimitsStore() if store == "limits" else None
+    limiter = RateLimiter(policy, storage=storage, clock=clock, events=EventBus())
+    assert await limiter.hit(("ip:1",), cost=2) == Decision(True, "default", 3, 60, 1, 60.0, 0.0)
+    clock.advance(59.5)
+    refused = await limiter.hit(("ip:1",), cost=2)
+    assert refused == Decision(False, "default", 3, 60, 1, 0.5, 0.5)
+    clock.advance(0.51)
+    assert (await limiter.hit(("ip:1",), cost=3)).admitted  # the first two have left
