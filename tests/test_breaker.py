@@ -844,3 +844,14 @@ def test_a_default_breaker_and_a_failing_listener(
     assert breaker.apply_remote(BreakerState.OPEN, 5.0) is True  # the failure breaks nothing
     assert heard == ["remote_open"]
     assert [r.getMessage() for r in caplog.records] == [f"breaker listener {broken!r} failed"]
+
+
+def test_a_remote_open_and_close_start_a_clean_window() -> None:
+    clock = ManualClock(start=0.0)
+    breaker = CircuitBreaker("up", COUNT, clock=clock, events=EventBus())
+    fail(breaker, 3)  # one short of the minimum calls
+    assert breaker.apply_remote(BreakerState.OPEN, 5.0) is True
+    assert breaker.apply_remote(BreakerState.CLOSED) is True
+    fail(breaker, 1)  # the failures from before the remote open are forgotten
+    assert breaker.state is BreakerState.CLOSED
+    assert breaker.rates() == (1, 1.0, 0.0)
