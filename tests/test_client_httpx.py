@@ -786,3 +786,50 @@ def test_a_pacing_wait_past_the_deadline_names_the_host_and_the_wait(clock: Manu
     assert str(error) == (
         "client rate limit for registry.test needs a wait of 12.500s, past the deadline"
     )
+
+
+async def test_without_a_breaker_a_pacing_wait_too_long_still_fails_cleanly(
+    clock: ManualClock,
+) -> None:
+    from seawall import RateLimitWaitTooLong
+
+    handler, seen = script(200)
+    policy = ClientPolicy(rate_limit="1/minute", breaker=None)
+    async with make(handler, clock, policy) as client:
+        await client.get(URL)
+        with pytest.raises(RateLimitWaitTooLong):
+            await client.get(URL)
+        clock.advance(60.0)  # the slot that was refused was not kept
+        assert (await client.get(URL)).status_code == 200
+    assert len(seen) == 2
+
+
+async def test_a_clients_breaker_and_budget_run_on_its_clock(clock: ManualClock) -> None:
+    handler, seen = script(503)
+    policy = ClientPolicy(
+        retry=RetryPolicy(
+            attempts=2, budget_ratio=0.0, budget_min_retries_per_second=0.1, budget_window=10.0
+        ),
+        breaker=BreakerPolicy(
+            window="count", window_size=5, minimum_calls=5, jitter=0.0, open_duration=30.0
+        ),
+        max_hosts=2,
+    )
+    transport = ResilientTransport(httpx.MockTransport(handler), policy, clock=clock)
+    async with httpx.AsyncClient(transport=transport) as client:
+        await client.get(URL)  # 503, one retry (the budget's one per 10 s), 503
+        assert len(seen) == 2
+        await client.get(URL)  # the budget is spent: no retry
+        assert len(seen) == 3
+        clock.advance(10.0)  # on the client's clock the window has moved on
+        await client.get(URL)  # 503 and a retry again; five 503s: the breaker opens
+        assert len(seen) == 5
+        with pytest.raises(CircuitOpenTransportError):
+            await client.get(URL)
+        clock.advance(30.0)  # and its open period ends on the same clock
+        with pytest.raises(CircuitOpenTransportError):
+            await client.get(URL)  # a probe: it fails, and the breaker refuses its retry
+        assert len(seen) == 6
+        for host in ("a.test", "b.test", "c.test"):
+            await client.get(f"http://{host}/")
+    assert len(transport.budgets) == 2  # the policy's max_hosts bounds the budget too
