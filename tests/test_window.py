@@ -73,3 +73,13 @@ def test_clearing_forgets_every_field_and_slice() -> None:
     assert window.totals(3.0) == (0, 0)
     assert window.add(5.0, 1, 0) == (1, 0)  # and starts over cleanly
     assert window.totals(9.9) == (1, 0)
+
+
+def test_a_reused_slice_starts_from_zero() -> None:
+    window = SlidingCounts(10.0, 10, fields=1)
+    window.add(0.0, 1)
+    window.add(9.0, 1)
+    assert window.add(10.0, 1) == (2,)  # the slice of 0 s left; its slot holds 10 s now
+    assert window.totals(19.5) == (1,)
+    assert window.totals(20.5) == (0,)
+    assert window.add(20.5, 2) == (2,)
