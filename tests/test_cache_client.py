@@ -519,6 +519,13 @@ def test_requests_adapter_serves_a_verified_pull_from_disk_when_the_registry_fai
 # ---------------------------------------------------------------- verification of stored bodies
 
 
+def _flip_bytes(path: Path, offset: int) -> None:
+    """Bit rot in a stored body (sync: tests only)."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(b"\xff\xfe")
+
+
 async def _stored_blob(root: Path, clock: ManualClock, body: bytes) -> str:
     from seawall.cache.keys import RequestInfo
 
@@ -544,9 +551,7 @@ async def test_a_stored_body_is_served_only_when_its_bytes_verify(
     url = await _stored_blob(tmp_path, clock, body)
     (entry,) = (tmp_path / "seawall").glob("*/*.entry")
     if damage == "flip":
-        with open(entry, "r+b") as f:
-            f.seek(1234)
-            f.write(b"\xff\xfe")
+        _flip_bytes(entry, 1234)
     bus = EventBus()
     seen: list[Event] = []
     bus.subscribe(seen.append)
