@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: demo test lint typecheck bench docs clean unasync servers
+.PHONY: demo test lint typecheck bench docs clean unasync servers mutate
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,25 @@ test: $(STAMP) servers
 	$(BIN)/mypy
 	$(MAKE) --no-print-directory docs
 	SEAWALL_RUN_SLOW=1 $(BIN)/python -m pytest -q
+
+# Mutation testing of the decision cores (docs/mutation.md); not part of `make test`.
+# Which files are mutated and which tests judge them: [tool.mutmut] in pyproject.toml.
+# `make mutate` starts afresh (about 1.5 hours on one core); `make mutate
+# MUTANTS='seawall.shed.*'` (re)runs some, keeping the other results in mutants/.
+# MUTATE_JOBS sets the worker processes (one by default: the machine is shared).
+MUTATE_JOBS ?= 1
+MUTANTS ?=
+MUTATE_STAMP := $(VENV)/.installed-mutate
+
+$(MUTATE_STAMP): pyproject.toml | $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,mutate]'
+	touch $(MUTATE_STAMP)
+
+mutate: $(MUTATE_STAMP)
+	$(if $(MUTANTS),,rm -rf mutants)
+	PATH="$(CURDIR)/$(BIN):$$PATH" SEAWALL_HYPOTHESIS_PROFILE=mutate \
+	  $(BIN)/mutmut run --max-children $(MUTATE_JOBS) $(foreach m,$(MUTANTS),'$(m)')
+	$(BIN)/python scripts/mutation_score.py
 
 # The documentation site, strict: a broken link, anchor or nav entry fails (build/site).
 docs: $(STAMP)

@@ -12,8 +12,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
+from hypothesis import settings
 
 from seawall.clock import ManualClock
+
+# `make mutate` runs each mutant against the same examples (SEAWALL_HYPOTHESIS_PROFILE=mutate):
+# a mutant killed by chance in one run and missed in the next would make the score noise.
+settings.register_profile("mutate", derandomize=True, database=None, deadline=None)
+settings.load_profile(os.environ.get("SEAWALL_HYPOTHESIS_PROFILE", "default"))
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 REQUIRE_REDIS = os.environ.get("SEAWALL_REQUIRE_REDIS") == "1"

@@ -237,7 +237,19 @@ def test_open_rejects_with_host_and_retry_time(clock: ManualClock) -> None:
     assert "6.0s" in str(err)
     rejected = [e for e in seen if isinstance(e, BreakerRejected)]
     assert rejected[-1].retry_in == pytest.approx(6.0)
-    assert pickle.loads(pickle.dumps(err)).retry_in == err.retry_in
+    assert str(err) == (
+        "circuit breaker for 'registry.test:443' is open; the upstream is not called. "
+        "Next probe in 6.0s"
+    )
+    assert err.message == str(err)  # what aiobreaker's handlers read
+    again = pickle.loads(pickle.dumps(err))  # crosses process pools whole
+    assert (again.name, again.retry_at, again.retry_in, again.state, str(again)) == (
+        err.name,
+        err.retry_at,
+        err.retry_in,
+        BreakerState.OPEN,
+        str(err),
+    )
 
 
 def test_open_duration_backs_off_on_repeated_trips_and_resets_on_close(clock: ManualClock) -> None:
@@ -494,3 +506,352 @@ def test_registry_evicts_closed_idle_breakers_first(clock: ManualClock) -> None:
 def test_registry_rejects_bad_size() -> None:
     with pytest.raises(ValueError):
         BreakerRegistry(max_breakers=0)
+
+
+# -- hooks for state shared across processes (seawall.shared_breaker) -----------------------
+
+
+def test_a_remote_open_or_close_is_taken_once_and_told_to_listeners() -> None:
+    clock = ManualClock(start=100.0)
+    bus = EventBus()
+    seen = events_of(bus)
+    heard: list[tuple[CircuitBreaker, BreakerStateChanged]] = []
+    breaker = CircuitBreaker("up", COUNT, clock=clock, events=bus)
+    breaker.add_listener(lambda b, e: heard.append((b, e)))
+    assert breaker.apply_remote(BreakerState.OPEN, 10.0)
+    opened = BreakerStateChanged(
+        at=100.0,
+        breaker="up",
+        old=BreakerState.CLOSED,
+        new=BreakerState.OPEN,
+        generation=1,
+        failure_rate=0.0,
+        slow_rate=0.0,
+        reason="remote_open",
+        open_for=10.0,
+    )
+    assert seen == [opened]
+    assert heard == [(breaker, opened)]
+    assert (breaker.retry_at, breaker.opened_at, breaker.consecutive_trips) == (110.0, 100.0, 1)
+    with pytest.raises(CircuitOpenError):
+        breaker.admit()
+
+    assert breaker.apply_remote(BreakerState.OPEN, 10.04) is False  # within 50 ms: the same
+    assert breaker.retry_at == 110.0
+    clock.advance(1.0)
+    assert breaker.apply_remote(BreakerState.OPEN, 9.0) is False  # ends no later: nothing
+    assert breaker.retry_at == 110.0
+    assert breaker.apply_remote(BreakerState.OPEN, 9.2) is False  # later: no event, longer
+    assert (breaker.retry_at, breaker.opened_at) == (110.2, 101.0)
+    assert breaker.apply_remote(BreakerState.OPEN, 20.0) is False
+    assert (breaker.retry_at, breaker.opened_at) == (121.0, 101.0)
+    assert [type(e) for e in seen] == [BreakerStateChanged, BreakerRejected]
+
+    assert breaker.apply_remote(BreakerState.CLOSED)
+    assert breaker.state is BreakerState.CLOSED
+    closed = seen[-1]
+    assert isinstance(closed, BreakerStateChanged)
+    assert (closed.at, closed.old, closed.new, closed.reason, closed.generation) == (
+        101.0,
+        BreakerState.OPEN,
+        BreakerState.CLOSED,
+        "remote_close",
+        2,
+    )
+    assert closed.open_for is None
+    assert breaker.consecutive_trips == 0
+    assert breaker.apply_remote(BreakerState.CLOSED) is False  # already closed
+    assert breaker.apply_remote(BreakerState.HALF_OPEN) is False  # not a state to take
+    assert len(heard) == 2
+    succeed(breaker)  # closed: calls go through
+
+
+def test_a_remote_open_after_the_local_one_elapsed_reopens_from_half_open() -> None:
+    clock = ManualClock(start=0.0)
+    bus = EventBus()
+    seen = events_of(bus)
+    breaker = CircuitBreaker("up", COUNT, clock=clock, events=bus)
+    fail(breaker, 4)
+    assert breaker.consecutive_trips == 1
+    clock.advance(COUNT.open_duration)
+    assert breaker.apply_remote(BreakerState.OPEN, 5.0)
+    changes = [e for e in seen if isinstance(e, BreakerStateChanged)]
+    assert [(e.new, e.reason) for e in changes] == [
+        (BreakerState.OPEN, "failure_rate"),
+        (BreakerState.HALF_OPEN, "open_period_elapsed"),
+        (BreakerState.OPEN, "remote_open"),
+    ]
+    assert breaker.consecutive_trips == 1  # a remote open is no new local trip
+    assert breaker.retry_at == COUNT.open_duration + 5.0
+
+
+def test_gated_probes_wait_for_a_grant_of_this_half_open_period() -> None:
+    clock = ManualClock(start=0.0)
+    policy = BreakerPolicy(
+        window="count", window_size=10, minimum_calls=4, jitter=0.0, half_open_probes=2
+    )
+    breaker = CircuitBreaker("up", policy, clock=clock, events=EventBus())
+    breaker.gate_probes()
+    assert not breaker.grant_probes(breaker.generation, 2)  # closed: nothing to grant
+    fail(breaker, 4)
+    clock.advance(policy.open_duration)
+    assert breaker.state is BreakerState.HALF_OPEN
+    with pytest.raises(CircuitOpenError) as refused:
+        breaker.admit()  # another process may be probing
+    assert refused.value.state is BreakerState.HALF_OPEN
+    assert not breaker.grant_probes(breaker.generation - 1, 2)  # an older half-open period
+    assert breaker.grant_probes(breaker.generation, 5)  # capped at half_open_probes
+    probes = [breaker.admit(), breaker.admit()]
+    assert all(p.probe for p in probes)
+    with pytest.raises(CircuitOpenError):
+        breaker.admit()
+    for p in probes:
+        breaker.record(p, Outcome.SUCCESS, 0.01)
+    assert breaker.state is BreakerState.CLOSED
+
+    fail(breaker, 4)
+    clock.advance(2 * policy.open_duration)
+    assert breaker.state is BreakerState.HALF_OPEN
+    assert breaker.grant_probes(breaker.generation, 0)
+    with pytest.raises(CircuitOpenError):
+        breaker.admit()
+    breaker.gate_probes(False)  # ungated: the policy's own probes, at once
+    assert breaker.admit().probe
+
+
+def test_a_registry_hands_its_listeners_and_gating_to_every_breaker() -> None:
+    clock = ManualClock(start=0.0)
+    heard: list[str] = []
+    registry = BreakerRegistry(COUNT, clock=clock, events=EventBus())
+    early = registry.get("early")
+    registry.add_listener(lambda b, e: heard.append(f"{b.name}:{e.new.value}"))
+    registry.gate_probes()
+    late = registry.get("late")
+    assert registry.peek("late") is late
+    assert registry.peek("never") is None and "never" not in registry
+    for breaker in (early, late):
+        fail(breaker, 4)
+    clock.advance(COUNT.open_duration)
+    for breaker in (early, late):
+        assert breaker.state is BreakerState.HALF_OPEN
+        with pytest.raises(CircuitOpenError):
+            breaker.admit()  # gated, both the one made before and the one made after
+    assert heard == ["early:open", "late:open", "early:half_open", "late:half_open"]
+    registry.gate_probes(False)
+    assert early.admit().probe and late.admit().probe
+
+
+def test_a_permit_from_another_breaker_is_refused_by_name() -> None:
+    clock = ManualClock()
+    one = CircuitBreaker("one", COUNT, clock=clock, events=EventBus())
+    other = CircuitBreaker("other", COUNT, clock=clock, events=EventBus())
+    permit = one.admit()
+    with pytest.raises(ValueError) as wrong:
+        other.record(permit, Outcome.SUCCESS, 0.01)
+    assert str(wrong.value) == (
+        "<Permit call #1 gen=0 of 'one'> was not issued by <CircuitBreaker 'other' closed gen=0>"
+    )
+    assert one.in_flight == 1 and other.in_flight == 0
+
+
+def test_a_whole_cycle_is_told_by_its_state_changes() -> None:
+    """Trip on failures, a slow probe and a failed probe re-open it (backing off), and the
+    probes that succeed close it; each change carries its time, rates, reason and period."""
+    clock = ManualClock(start=1000.0)
+    bus = EventBus()
+    seen = events_of(bus)
+    policy = COUNT.replace(
+        open_duration=10.0,
+        backoff_multiplier=2.0,
+        max_open_duration=100.0,
+        half_open_probes=2,
+        slow_call_duration=1.0,
+        slow_call_rate_threshold=0.5,
+    )
+    breaker = CircuitBreaker("up", policy, clock=clock, events=bus)
+    succeed(breaker, 1, duration=2.0)  # slow, and a success
+    fail(breaker, 3)  # 4 calls: 75% failed, 25% slow
+    clock.advance(10.0)
+    assert breaker.state is BreakerState.HALF_OPEN
+    breaker.record(breaker.admit(), Outcome.SUCCESS, 1.5)  # a slow probe
+    clock.advance(20.0)
+    breaker.record(breaker.admit(), Outcome.FAILURE, 0.1)
+    clock.advance(40.0)
+    probes = [breaker.admit(), breaker.admit()]
+    for p in probes:
+        breaker.record(p, Outcome.SUCCESS, 0.1)
+    changes = [e for e in seen if isinstance(e, BreakerStateChanged)]
+
+    def change(at: float, old: str, new: str, gen: int, fr: float, sr: float, why: str,
+               open_for: float | None = None) -> BreakerStateChanged:
+        return BreakerStateChanged(
+            at=at, breaker="up", old=BreakerState(old), new=BreakerState(new), generation=gen,
+            failure_rate=fr, slow_rate=sr, reason=why, open_for=open_for,
+        )  # fmt: skip
+
+    assert changes == [
+        change(1000.0, "closed", "open", 1, 0.75, 0.25, "failure_rate", 10.0),
+        change(1010.0, "open", "half_open", 2, 0.0, 0.0, "open_period_elapsed"),
+        change(1010.0, "half_open", "open", 3, 0.0, 1.0, "probe_slow", 20.0),
+        change(1030.0, "open", "half_open", 4, 0.0, 0.0, "open_period_elapsed"),
+        change(1030.0, "half_open", "open", 5, 1.0, 0.0, "probe_failed", 40.0),
+        change(1070.0, "open", "half_open", 6, 0.0, 0.0, "open_period_elapsed"),
+        change(1070.0, "half_open", "closed", 7, 0.0, 0.0, "probes_succeeded"),
+    ]
+    assert breaker.consecutive_trips == 0
+    assert breaker.rates() == (0, 0.0, 0.0)  # the new closed period starts clean
+
+
+def test_a_slow_failed_probe_and_slow_calls_are_reported_as_slow() -> None:
+    clock = ManualClock(start=0.0)
+    bus = EventBus()
+    seen = events_of(bus)
+    policy = COUNT.replace(
+        slow_call_duration=1.0, slow_call_rate_threshold=0.5, failure_rate_threshold=0.9
+    )
+    breaker = CircuitBreaker("up", policy, clock=clock, events=bus)
+    succeed(breaker, 2, duration=0.1)
+    succeed(breaker, 2, duration=3.0)
+    assert breaker.state is BreakerState.OPEN
+    clock.advance(policy.open_duration)
+    breaker.record(breaker.admit(), Outcome.FAILURE, 5.0)
+    changes = [e for e in seen if isinstance(e, BreakerStateChanged)]
+    assert [(e.reason, e.failure_rate, e.slow_rate) for e in changes if e.new.value == "open"] == [
+        ("slow_call_rate", 0.0, 0.5),
+        ("probe_failed", 1.0, 1.0),
+    ]
+
+
+def test_the_count_window_forgets_the_oldest_outcome_and_its_slowness() -> None:
+    clock = ManualClock(start=0.0)
+    policy = BreakerPolicy(
+        window="count", window_size=4, minimum_calls=4, jitter=0.0, slow_call_duration=1.0
+    )
+    breaker = CircuitBreaker("up", policy, clock=clock, events=EventBus())
+    succeed(breaker, 1, duration=2.0)
+    fail(breaker, 1)
+    assert breaker.rates() == (2, 0.5, 0.5)
+    succeed(breaker, 3)  # the slow success leaves the window of 4
+    assert breaker.rates() == (4, 0.25, 0.0)
+    succeed(breaker, 1)  # and then the failure
+    assert breaker.rates() == (4, 0.0, 0.0)
+    succeed(breaker, 2, duration=2.0)
+    assert breaker.rates() == (4, 0.0, 0.5)
+    assert breaker.state is BreakerState.CLOSED
+
+
+def test_probes_are_counted_one_by_one_and_a_cancelled_one_frees_one_slot() -> None:
+    clock = ManualClock(start=0.0)
+    policy = COUNT.replace(half_open_probes=2, probe_timeout=5.0)
+    bus = EventBus()
+    seen = events_of(bus)
+    breaker = CircuitBreaker("up", policy, clock=clock, events=bus)
+    fail(breaker, 4)
+    clock.advance(policy.open_duration)
+    first, second = breaker.admit(), breaker.admit()
+    assert breaker.in_flight == 2
+    with pytest.raises(CircuitOpenError) as full:
+        breaker.admit()
+    assert "is half-open with every probe in flight" in str(full.value)
+    clock.advance(3.0)
+    breaker.record(first, Outcome.NEUTRAL, 0.0)  # cancelled: proved nothing
+    third = breaker.admit()
+    with pytest.raises(CircuitOpenError):
+        breaker.admit()  # exactly one slot came back
+    assert breaker.in_flight == 2
+    breaker.record(second, Outcome.SUCCESS, 0.1)  # one success of the two needed
+    clock.advance(3.0)  # 6 s since the first two probes, 3 s since the third
+    assert breaker.state is BreakerState.HALF_OPEN  # the answered probes are not timing out
+    with pytest.raises(CircuitOpenError) as busy:
+        breaker.admit()  # the third probe decides within 2 s, before the open period
+    assert (busy.value.retry_at, busy.value.retry_in) == (18.0, 2.0)
+    rejected = [e for e in seen if isinstance(e, BreakerRejected)][-1]
+    assert rejected == BreakerRejected(
+        at=16.0, breaker="up", state=BreakerState.HALF_OPEN, retry_in=2.0
+    )
+    clock.advance(2.0)  # the third probe has been out for the probe timeout
+    assert breaker.state is BreakerState.OPEN
+    timed_out = [e for e in seen if isinstance(e, BreakerStateChanged)][-1]
+    assert (timed_out.at, timed_out.reason, timed_out.failure_rate, timed_out.slow_rate) == (
+        18.0,
+        "probe_timeout",
+        1.0,
+        0.0,
+    )
+    clock.advance(timed_out.open_for - 0.25)
+    with pytest.raises(CircuitOpenError) as soon:
+        breaker.admit()
+    assert soon.value.retry_in == pytest.approx(0.25)
+    assert breaker.in_flight == 1  # its permit is still out; its outcome will be ignored
+    breaker.record(third, Outcome.SUCCESS, 0.1)
+    assert breaker.state is BreakerState.OPEN and breaker.in_flight == 0
+
+
+async def test_call_measures_each_call_on_the_breakers_clock() -> None:
+    clock = ManualClock(start=5000.0)
+    policy = COUNT.replace(slow_call_duration=1.0, slow_call_rate_threshold=0.5)
+    breaker = CircuitBreaker("up", policy, clock=clock, events=EventBus())
+
+    async def quick() -> str:
+        await clock.sleep(0.5)
+        return "ok"
+
+    async def slow_429() -> None:
+        await clock.sleep(0.5)
+        request = httpx.Request("GET", "https://up/")
+        raise httpx.HTTPStatusError("429", request=request, response=httpx.Response(429))
+
+    for _ in range(3):
+        assert await breaker.call(quick) == "ok"
+    with pytest.raises(httpx.HTTPStatusError):
+        await breaker.call(slow_429)
+    assert breaker.rates() == (4, 0.0, 0.0)  # half-second calls; a 429 is no failure
+    counting = CircuitBreaker(
+        "up", policy.replace(count_429_as_failure=True), clock=clock, events=EventBus()
+    )
+    for _ in range(4):
+        with pytest.raises(httpx.HTTPStatusError):
+            await counting.call(slow_429)
+    assert counting.state is BreakerState.OPEN  # the policy's own classification
+
+
+def test_a_registry_builds_its_breakers_from_its_own_policy_clock_and_rng() -> None:
+    clock = ManualClock(start=0.0)
+    policy = COUNT.replace(open_duration=10.0, jitter=0.5)
+    registry = BreakerRegistry(policy, clock=clock, events=EventBus(), rng=lambda: 1.0)
+    breaker = registry.get("up")
+    assert breaker.policy is policy
+    fail(breaker, 4)
+    assert breaker.retry_at == 15.0  # 10 s x (1 + 0.5 x (2 x 1.0 - 1)), on the driven clock
+    assert len(BreakerRegistry(max_breakers=1)) == 0
+    for bad in (0, True, 1.5):
+        with pytest.raises(ValueError, match="max_breakers must be a whole number"):
+            BreakerRegistry(max_breakers=bad)  # type: ignore[arg-type]
+
+
+def test_a_default_breaker_and_a_failing_listener(
+    clock: ManualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    breaker = CircuitBreaker(clock=clock, events=EventBus())
+    assert (breaker.name, breaker.policy, breaker.opened_at) == ("default", BreakerPolicy(), None)
+    heard: list[str] = []
+
+    def broken(b: CircuitBreaker, e: BreakerStateChanged) -> None:
+        raise RuntimeError("exporter down")
+
+    breaker.add_listener(broken)
+    breaker.add_listener(lambda b, e: heard.append(e.reason))
+    assert breaker.apply_remote(BreakerState.OPEN, 5.0) is True  # the failure breaks nothing
+    assert heard == ["remote_open"]
+    assert [r.getMessage() for r in caplog.records] == [f"breaker listener {broken!r} failed"]
+
+
+def test_a_remote_open_and_close_start_a_clean_window() -> None:
+    clock = ManualClock(start=0.0)
+    breaker = CircuitBreaker("up", COUNT, clock=clock, events=EventBus())
+    fail(breaker, 3)  # one short of the minimum calls
+    assert breaker.apply_remote(BreakerState.OPEN, 5.0) is True
+    assert breaker.apply_remote(BreakerState.CLOSED) is True
+    fail(breaker, 1)  # the failures from before the remote open are forgotten
+    assert breaker.state is BreakerState.CLOSED
+    assert breaker.rates() == (1, 1.0, 0.0)

@@ -514,3 +514,54 @@ def test_requests_adapter_serves_a_verified_pull_from_disk_when_the_registry_fai
         server.play(Answer(200, {"content-type": MANIFEST_TYPE, "etag": '"m2"'}, b'{"v":2}'))
         m3 = session.get(base + "/manifests/latest", headers={"accept": MANIFEST_TYPE})
         assert m3.content == b'{"v":2}' and "x-seawall-cache" not in m3.headers
+
+
+# ---------------------------------------------------------------- verification of stored bodies
+
+
+def _flip_bytes(path: Path, offset: int) -> None:
+    """Bit rot in a stored body (sync: tests only)."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(b"\xff\xfe")
+
+
+async def _stored_blob(root: Path, clock: ManualClock, body: bytes) -> str:
+    from seawall.cache.keys import RequestInfo
+
+    url = f"https://r.test/v2/lib/x/blobs/sha256:{hashlib.sha256(body).hexdigest()}"
+    cache = FallbackCache(DiskStore(root, clock=clock), clock=clock)
+    rec = await cache.recorder(RequestInfo("GET", url), 200, [])
+    assert rec is not None
+    for i in range(0, len(body), 1000):
+        await rec.feed(body[i : i + 1000])
+    assert await rec.finish()
+    return url
+
+
+@pytest.mark.parametrize("damage", ["none", "flip"])
+async def test_a_stored_body_is_served_only_when_its_bytes_verify(
+    clock: ManualClock, tmp_path: Path, damage: str
+) -> None:
+    from seawall.cache.fallback import CacheCorrupt
+    from seawall.cache.keys import RequestInfo
+    from seawall.events import Event
+
+    body = bytes((i * 31) % 251 for i in range(50_000))
+    url = await _stored_blob(tmp_path, clock, body)
+    (entry,) = (tmp_path / "seawall").glob("*/*.entry")
+    if damage == "flip":
+        _flip_bytes(entry, 1234)
+    bus = EventBus()
+    seen: list[Event] = []
+    bus.subscribe(seen.append)
+    restarted = FallbackCache(DiskStore(tmp_path, clock=clock), clock=clock, events=bus)
+    hit = await restarted.lookup(RequestInfo("GET", url))
+    if damage == "none":
+        assert hit is not None and restarted.stats.corrupt == 0
+        assert b"".join([c async for c in restarted.body(hit)]) == body
+        return
+    assert hit is None and restarted.stats.corrupt == 1
+    assert not entry.exists()
+    (event,) = [e for e in seen if isinstance(e, CacheCorrupt)]
+    assert (event.url, event.reason) == (url, "digest mismatch")

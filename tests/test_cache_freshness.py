@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from email.utils import formatdate
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -171,3 +172,76 @@ def test_state_only_moves_forward_in_time(
         assert (state is not State.EXPIRED) == usable or (
             clock.wall() - NOW == max_age + max(swr, sie)
         )
+
+
+# ---------------------------------------------------------------- edges that decide staleness
+
+
+def test_a_response_dated_now_is_not_aged_by_its_date() -> None:
+    f = fresh([("date", formatdate(NOW, usegmt=True)), ("cache-control", "max-age=10")])
+    assert f.initial_age == 0.0
+    assert evaluate(f, NOW + 9.5) is State.FRESH
+
+
+def test_expires_decides_the_lifetime_with_or_without_a_date() -> None:
+    dated = fresh([("date", formatdate(NOW, usegmt=True)), ("expires", formatdate(NOW))])
+    assert dated.lifetime == 0.0  # expires when it was sent: stale at once
+    assert evaluate(dated, NOW + 0.5) is State.STALE_IF_ERROR
+    undated = fresh([("expires", formatdate(NOW + 30, usegmt=True))])
+    assert undated.lifetime == 30.0  # counted from reception
+
+
+def test_proxy_revalidate_forbids_stale_use_like_must_revalidate() -> None:
+    for directive in ("must-revalidate", "proxy-revalidate"):
+        f = fresh([("cache-control", f"max-age=5, stale-if-error=60, {directive}")])
+        assert (f.stale_if_error, f.stale_while_revalidate) == (0.0, 0.0)
+        assert evaluate(f, NOW + 6) is State.EXPIRED
+
+
+def test_the_stale_windows_include_their_last_instant_and_nothing_at_zero() -> None:
+    f = Freshness(NOW, 0.0, 10.0, 5.0, 0.5)
+    assert evaluate(f, NOW + 10.25) is State.STALE_REVALIDATE
+    assert evaluate(f, NOW + 10.5) is State.STALE_REVALIDATE
+    assert evaluate(f, NOW + 15.0) is State.STALE_IF_ERROR
+    assert evaluate(f, NOW + 15.01) is State.EXPIRED
+    none = Freshness(NOW, 0.0, 10.0, 0.0, 0.0)
+    assert evaluate(none, NOW + 10.0) is State.EXPIRED  # at the end of its lifetime
+
+
+def test_cache_control_spread_over_lines_quoted_values_and_a_billion_seconds() -> None:
+    f = fresh(
+        [("cache-control", 'max-age="1000000000"'), ("cache-control", "stale-if-error=7")]
+    )
+    assert (f.lifetime, f.stale_if_error) == (1_000_000_000.0, 7.0)
+
+
+def test_vary_star_without_spaces_is_still_vary_star() -> None:
+    assert not is_storable_response(200, [("vary", "accept,*")])
+    assert is_storable_response(200, [("vary", "accept, accept-encoding")])
+
+
+@pytest.mark.parametrize(
+    ("name", "per_client"),
+    [
+        ("Set-Cookie", True),
+        ("RateLimit-Policy", True),
+        ("X-RateLimit-Remaining", True),
+        ("Retry-After", True),
+        ("ETag", False),
+    ],
+)
+def test_fields_about_the_caller_are_known_in_any_case(name: str, per_client: bool) -> None:
+    from seawall.cache.freshness import is_per_client_field
+
+    assert is_per_client_field(name) is per_client
+
+
+def test_what_looks_like_an_artifact() -> None:
+    from seawall.cache.freshness import is_artifact
+
+    npm = "application/vnd.npm.install-v1+json; q=1.0, application/json; q=0.8"
+    assert is_artifact("/express", npm, [])
+    assert not is_artifact("/express", "application/json", [])
+    oci = [("Content-Type", " application/vnd.oci.image.index.v1+json")]
+    assert is_artifact("/api/anything", None, oci)
+    assert not is_artifact("/api/session", None, [("content-type", "application/json")])

@@ -176,3 +176,73 @@ def test_policy_validation_and_round_trip() -> None:
     ):
         with pytest.raises(PolicyError):
             CachePolicy.from_dict(bad)
+
+
+# ---------------------------------------------------------------- what may be written down
+
+
+def test_signed_query_values_are_redacted_and_everything_else_kept() -> None:
+    from seawall.cache.keys import redact_url
+
+    signed = (
+        "https://cdn.test/blobs/sha256:ab?X-Amz-Signature=s3cr3t&X-Amz-Date=20240101"
+        "&token=t0k&sig=abc&expires=99&part=2&empty="
+    )
+    assert redact_url(signed) == (
+        "https://cdn.test/blobs/sha256:ab?X-Amz-Signature=REDACTED&X-Amz-Date=REDACTED"
+        "&token=REDACTED&sig=REDACTED&expires=REDACTED&part=2&empty="
+    )
+    for plain in (
+        "https://registry.test/v2/app/manifests/1.0",
+        "https://registry.test/v2/?",
+        "https://registry.test/simple/?page=2&format=json",
+    ):
+        assert redact_url(plain) == plain
+
+
+@pytest.mark.parametrize(
+    ("name", "credential"),
+    [
+        ("authorization", True),
+        ("cookie", True),
+        ("x-jfrog-art-api", True),
+        ("x-registry-auth", True),
+        ("x-session-id", True),
+        ("private-token", True),
+        ("accept", False),
+        ("x-request-id", False),
+    ],
+)
+def test_credential_headers_are_known_by_name_or_by_look(name: str, credential: bool) -> None:
+    from seawall.cache.keys import is_credential_header
+
+    for _ in range(2):  # the remembered answer is the same answer
+        assert is_credential_header(name) is credential
+    assert is_credential_header("x-tenant", extra=("x-tenant",)) is True
+
+
+def test_a_repeated_request_header_reads_as_one_comma_joined_value() -> None:
+    from seawall.cache.keys import RequestInfo
+
+    info = RequestInfo("GET", "https://r.test/", (("accept", "a/b"), ("x", "1"), ("accept", "c/d")))
+    assert info.header("accept") == "a/b, c/d"
+    assert info.header("missing") is None
+
+
+HEX = "ab" * 32
+
+
+@pytest.mark.parametrize(
+    ("path", "digest"),
+    [
+        ("/files/sha256", None),  # a directory called sha256 with nothing after it
+        (f"/a/sha256/{HEX}", f"sha256:{HEX}"),  # the digest is the last segment
+        (f"/a/SHA256/{HEX}/f.tgz", f"sha256:{HEX}"),
+        (f"/files/sha256:{HEX}:x", "unverifiable"),  # says it is a digest, is not: never cached
+    ],
+)
+def test_digest_path_segments(path: str, digest: str | None) -> None:
+    from seawall.cache.keys import oci_blob_digest, path_digest
+
+    assert path_digest(path, "") == digest
+    assert oci_blob_digest("/v2/app/blobs/uploads/0b7a9c", "") is None  # an upload session

@@ -699,3 +699,137 @@ async def test_a_caller_cancelled_while_pacing_gives_its_slot_back() -> None:
                 await waiting
         assert clock.asked[-3:] == [0.5, 0.5, 0.5]  # each found the slot given back
     assert len(seen) == 2
+
+
+# ---------------------------------------------------------------- the admission sequence
+
+
+async def test_a_shared_registrys_breakers_judge_with_their_own_policy(
+    clock: ManualClock,
+) -> None:
+    from seawall.breaker import BreakerRegistry
+
+    counting = BreakerPolicy(
+        window="count", window_size=4, minimum_calls=4, jitter=0.0, count_429_as_failure=True
+    )
+    registry = BreakerRegistry(counting, clock=clock, events=EventBus())
+    handler, seen = script(429)
+    policy = ClientPolicy(retry=RetryPolicy(attempts=1))  # its own breaker policy: default
+    transport = ResilientTransport(
+        httpx.MockTransport(handler), policy, clock=clock, breakers=registry
+    )
+    async with httpx.AsyncClient(transport=transport) as client:
+        for _ in range(4):
+            assert (await client.get(URL)).status_code == 429
+        with pytest.raises(CircuitOpenTransportError):
+            await client.get(URL)
+    assert len(seen) == 4
+    assert registry.get("registry.test").state is BreakerState.OPEN
+
+
+async def test_a_retried_answer_frees_its_bulkhead_slot_and_a_final_one_keeps_it(
+    clock: ManualClock,
+) -> None:
+    bus, events = recorder()
+    seen: list[httpx.Request] = []
+
+    class Body(httpx.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            yield b"layer"
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(503 if len(seen) == 1 else 200, stream=Body())
+
+    policy = ClientPolicy(retry=GENEROUS, max_concurrency=1)
+    async with make(handler, clock, policy, bus) as client:
+        response = await client.send(client.build_request("GET", URL), stream=True)
+        assert response.status_code == 200 and len(seen) == 2  # the retry got the one slot
+        waiting = asyncio.create_task(client.get(URL))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not waiting.done() and len(seen) == 2  # the streamed answer holds the slot
+        await response.aclose()
+        assert (await waiting).status_code == 200
+    scheduled = [e for e in events if type(e).__name__ == "RetryScheduled"]
+    assert [(e.attempt, e.reason) for e in scheduled] == [(1, "status 503")]  # type: ignore[attr-defined]
+    started = [e for e in events if type(e).__name__ == "AttemptStarted"]
+    assert [(e.host, e.attempt) for e in started] == [  # type: ignore[attr-defined]
+        ("registry.test", 1),
+        ("registry.test", 2),
+        ("registry.test", 1),
+    ]
+
+
+def test_a_build_step_is_set_inside_its_block_only() -> None:
+    from seawall.client.core import BUILD_STEP, build_step
+
+    assert BUILD_STEP.get() is None
+    with build_step("pipeline-42/step-3") as step:
+        assert step == "pipeline-42/step-3" == BUILD_STEP.get()
+        with build_step() as inner:
+            assert len(inner) == 32 and BUILD_STEP.get() == inner
+        assert BUILD_STEP.get() == step
+    assert BUILD_STEP.get() is None
+    marker = build_step("again")
+    marker.__exit__()  # never entered: nothing to undo
+    with marker:
+        assert BUILD_STEP.get() == "again"
+    assert BUILD_STEP.get() is None
+
+
+def test_a_pacing_wait_past_the_deadline_names_the_host_and_the_wait(clock: ManualClock) -> None:
+    from seawall.client.core import RateLimitWaitTooLong
+
+    error = RateLimitWaitTooLong("registry.test", 12.5)
+    assert (error.host, error.wait) == ("registry.test", 12.5)
+    assert str(error) == (
+        "client rate limit for registry.test needs a wait of 12.500s, past the deadline"
+    )
+
+
+async def test_without_a_breaker_a_pacing_wait_too_long_still_fails_cleanly(
+    clock: ManualClock,
+) -> None:
+    from seawall import RateLimitWaitTooLong
+
+    handler, seen = script(200)
+    policy = ClientPolicy(rate_limit="1/minute", breaker=None)
+    async with make(handler, clock, policy) as client:
+        await client.get(URL)
+        with pytest.raises(RateLimitWaitTooLong):
+            await client.get(URL)
+        clock.advance(60.0)  # the slot that was refused was not kept
+        assert (await client.get(URL)).status_code == 200
+    assert len(seen) == 2
+
+
+async def test_a_clients_breaker_and_budget_run_on_its_clock(clock: ManualClock) -> None:
+    handler, seen = script(503)
+    policy = ClientPolicy(
+        retry=RetryPolicy(
+            attempts=2, budget_ratio=0.0, budget_min_retries_per_second=0.1, budget_window=10.0
+        ),
+        breaker=BreakerPolicy(
+            window="count", window_size=5, minimum_calls=5, jitter=0.0, open_duration=30.0
+        ),
+        max_hosts=2,
+    )
+    transport = ResilientTransport(httpx.MockTransport(handler), policy, clock=clock)
+    async with httpx.AsyncClient(transport=transport) as client:
+        await client.get(URL)  # 503, one retry (the budget's one per 10 s), 503
+        assert len(seen) == 2
+        await client.get(URL)  # the budget is spent: no retry
+        assert len(seen) == 3
+        clock.advance(10.0)  # on the client's clock the window has moved on
+        await client.get(URL)  # 503 and a retry again; five 503s: the breaker opens
+        assert len(seen) == 5
+        with pytest.raises(CircuitOpenTransportError):
+            await client.get(URL)
+        clock.advance(30.0)  # and its open period ends on the same clock
+        with pytest.raises(CircuitOpenTransportError):
+            await client.get(URL)  # a probe: it fails, and the breaker refuses its retry
+        assert len(seen) == 6
+        for host in ("a.test", "b.test", "c.test"):
+            await client.get(f"http://{host}/")
+    assert len(transport.budgets) == 2  # the policy's max_hosts bounds the budget too

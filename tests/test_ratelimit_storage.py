@@ -28,7 +28,13 @@ from seawall.asgi.ratelimit import RateLimitMiddleware
 from seawall.clock import SYSTEM_CLOCK, ManualClock
 from seawall.events import Event, EventBus
 from seawall.policy.ratelimit import RateLimitPolicy
-from seawall.ratelimit import RateLimiter, RateLimitStorageFailed
+from seawall.ratelimit import (
+    Decision,
+    RateLimitAdmitted,
+    RateLimited,
+    RateLimiter,
+    RateLimitStorageFailed,
+)
 from seawall.storage import BoundedMemoryStorage, storage_from_uri
 
 
@@ -431,3 +437,274 @@ def test_token_bucket_never_exceeds_its_burst_plus_its_rate(
         storage.decide("token-bucket", ["k"], [limit], [float(window)])[0] for _ in range(limit + 1)
     ]
     assert fresh == [True] * limit + [False]
+
+
+# ---------------------------------------------------------------- several rates, whole decisions
+
+STRATEGIES = ["fixed-window", "moving-window", "sliding-window-counter", "token-bucket"]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+async def test_several_rates_decide_whole_and_name_the_tightest(
+    clock: ManualClock, strategy: str
+) -> None:
+    """Admitted: the rate with the fewest left names the decision (the first on a tie).
+    Refused: the first rate that refuses, its wait, and nothing charged anywhere."""
+    policy = RateLimitPolicy.from_dict(
+        {
+            "limit": "4/minute",
+            "strategy": strategy,
+            "rules": [{"limit": "8/minute", "key": "global", "name": "global"}],
+        }
+    )
+    bus = EventBus()
+    seen: list[Event] = []
+    bus.subscribe(seen.append)
+    limiter = RateLimiter(policy, clock=clock, events=bus)
+
+    async def hit(who: str) -> tuple[object, ...]:
+        d = await limiter.hit((who, "*"), cost=2)
+        assert d.known and not d.storage_failed
+        assert 0 < d.reset_after <= 60
+        assert d.retry_after == (0.0 if d.admitted else d.reset_after)
+        return d.admitted, d.rule, d.limit, d.window, d.remaining
+
+    assert await hit("a") == (True, "default", 4, 60, 2)
+    assert await hit("a") == (True, "default", 4, 60, 0)
+    assert await hit("a") == (False, "default", 4, 60, 0)
+    # a tie with the global 2 left: a's refused request took nothing from the global 8
+    assert await hit("b") == (True, "default", 4, 60, 2)
+    assert await hit("b") == (True, "default", 4, 60, 0)  # both at 0: the first rate
+    assert await hit("c") == (False, "global", 8, 60, 0)
+    # each event names the key of the rate that decided, not the first key
+    first = RateLimitAdmitted(at=clock.now(), rule="default", key="a", cost=2, remaining=2)
+    assert seen[0] == first
+    refused = seen[-1]
+    assert isinstance(refused, RateLimited)
+    assert refused == RateLimited(
+        at=clock.now(),
+        rule="global",
+        key="*",
+        cost=2,
+        limit=8,
+        window=60,
+        retry_after=refused.retry_after,
+    )
+    assert 0 < refused.retry_after <= 60
+    clock.advance(121)  # two windows: every strategy has forgotten
+    assert await hit("c") == (True, "default", 4, 60, 2)
+
+
+class _FlakyLimitsStore(LimitsAsyncMemory):
+    """limits' own memory storage, standing in for a shared store that can go down."""
+
+    down = False
+
+
+def _flaky(name: str) -> Any:
+    original = getattr(LimitsAsyncMemory, name)
+
+    async def method(self: _FlakyLimitsStore, *args: Any, **kwargs: Any) -> Any:
+        if self.down:
+            raise ConnectionError("store is down")
+        return await original(self, *args, **kwargs)
+
+    return method
+
+
+for _name_ in (
+    "incr",
+    "get",
+    "get_expiry",
+    "acquire_entry",
+    "get_moving_window",
+    "acquire_sliding_window_entry",
+    "get_sliding_window",
+):
+    setattr(_FlakyLimitsStore, _name_, _flaky(_name_))
+
+
+@pytest.fixture
+def limits_on_our_clock(clock: ManualClock, monkeypatch: pytest.MonkeyPatch) -> ManualClock:
+    import limits.aio.storage.memory as limits_memory
+
+    fake_time = type("FakeTime", (), {"time": staticmethod(clock.wall)})
+    monkeypatch.setattr(limits_memory, "time", fake_time)
+    return clock
+
+
+@pytest.mark.parametrize("strategy", ["fixed-window", "moving-window", "sliding-window-counter"])
+async def test_a_limits_store_tests_every_rate_before_it_charges_any(
+    limits_on_our_clock: ManualClock, strategy: str
+) -> None:
+    clock = limits_on_our_clock
+    policy = RateLimitPolicy.from_dict(
+        {
+            "limit": "3/hour",
+            "strategy": strategy,
+            "rules": [{"limit": "5/minute", "key": "global", "name": "global"}],
+        }
+    )
+    store = _FlakyLimitsStore()
+    limiter = RateLimiter(policy, storage=store, clock=clock, events=EventBus())
+
+    async def hit(who: str) -> tuple[object, ...]:
+        d = await limiter.hit((who, "*"))
+        assert d.known and not d.storage_failed
+        assert d.retry_after == (0.0 if d.admitted else d.reset_after)
+        return d.admitted, d.rule, d.limit, d.window, d.remaining
+
+    assert [await hit("a") for _ in range(4)] == [
+        (True, "default", 3, 3600, 2),
+        (True, "default", 3, 3600, 1),
+        (True, "default", 3, 3600, 0),
+        (False, "default", 3, 3600, 0),
+    ]
+    assert [await hit("b") for _ in range(3)] == [
+        (True, "global", 5, 60, 1),  # a's refused 4th took nothing from the global 5
+        (True, "global", 5, 60, 0),
+        (False, "global", 5, 60, 0),
+    ]
+    clock.advance(61)  # b's refused 3rd took nothing from b's own 3 an hour
+    assert [await hit("b") for _ in range(2)] == [
+        (True, "default", 3, 3600, 0),
+        (False, "default", 3, 3600, 0),
+    ]
+    await limiter.clear(("b", "*"))  # an operator's reset
+    assert await hit("b") == (True, "default", 3, 3600, 2)
+
+
+@pytest.mark.parametrize("mode", ["open", "closed"])
+async def test_a_failing_shared_store_follows_the_policy_and_its_breaker(
+    limits_on_our_clock: ManualClock, mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = limits_on_our_clock
+    bus = EventBus()
+    seen: list[Event] = []
+    bus.subscribe(seen.append)
+    policy = RateLimitPolicy.from_dict(
+        {
+            "limit": "3/minute",
+            "name": "shared",
+            "on_storage_error": mode,
+            "closed_retry_after": 2.5,
+            "log_interval": 30.0,
+        }
+    )
+    store = _FlakyLimitsStore()
+    limiter = RateLimiter(policy, storage=store, clock=clock, events=bus)
+    up = await limiter.hit(("ip:1",))
+    assert (up.admitted, up.remaining, up.storage_failed) == (True, 2, False)
+    store.down = True
+    seen.clear()
+    down = [await limiter.hit(("ip:1",)) for _ in range(5)]
+    # 1 success then 2 failures of 3 calls open the store's breaker: 3 requests not asked
+    assert limiter.storage_failures == 2
+    assert limiter.storage_skipped == 3
+    failed = [e for e in seen if isinstance(e, RateLimitStorageFailed)]
+    assert failed[0] == RateLimitStorageFailed(
+        at=clock.now(), error="ConnectionError: store is down", fail_open=mode == "open"
+    )
+    assert [e.error for e in failed[2:]] == ["not asked: ratelimit-storage:shared is open"] * 3
+    assert all(e.fail_open is (mode == "open") for e in failed)
+    assert all(d.storage_failed for d in down)
+    if mode == "open":
+        # the same rate, counted in this process from the start of the outage
+        assert [(d.admitted, d.rule, d.remaining, d.known) for d in down] == [
+            (True, "shared", 2, True),
+            (True, "shared", 1, True),
+            (True, "shared", 0, True),
+            (False, "shared", 0, True),
+            (False, "shared", 0, True),
+        ]
+        decided = [e for e in seen if isinstance(e, RateLimitAdmitted | RateLimited)]
+        assert [type(e) for e in decided] == [RateLimitAdmitted] * 3 + [RateLimited] * 2
+    else:
+        assert set(down) == {
+            Decision(False, "shared", 3, 60, 0, 2.5, 2.5, known=False, storage_failed=True)
+        }
+        assert len(failed) == 5
+    warnings = [r.getMessage() for r in caplog.records if "rate-limit storage" in r.getMessage()]
+    assert len(warnings) == 1  # once per log_interval
+    assert warnings[0] == (
+        "rate-limit storage memory:// failed (ConnectionError: store is down); failing "
+        + ("open (in-process limits)" if mode == "open" else "closed (refusing with 503)")
+    )
+
+    # The breaker lets one probe through after its open time; the store is back.
+    store.down = False
+    clock.advance(31.0)
+    back = await limiter.hit(("ip:9",))
+    assert (back.admitted, back.storage_failed, back.known) == (True, False, True)
+    assert limiter.storage_breaker is not None
+    assert limiter.storage_breaker.state.value == "closed"
+    # Down again after the log interval: one more warning, counting what it held back.
+    store.down = True
+    caplog.clear()
+    for _ in range(2):
+        await limiter.hit(("ip:9",))
+    clock.advance(31.0)
+    await limiter.hit(("ip:9",))
+    reports = [r.getMessage() for r in caplog.records if "rate-limit storage" in r.getMessage()]
+    assert reports == [warnings[0] + "; 1 more failures since the last report"] * 2
+
+
+async def test_a_shared_store_call_is_timed_on_the_clock_and_cancelling_it_proves_nothing(
+    limits_on_our_clock: ManualClock,
+) -> None:
+    from seawall.breaker import BreakerState
+    from seawall.policy.ratelimit import STORAGE_BREAKER
+
+    clock = limits_on_our_clock
+    policy = RateLimitPolicy(
+        limit="100/minute",
+        storage_breaker=STORAGE_BREAKER.replace(slow_call_duration=0.5),
+    )
+    store = _FlakyLimitsStore()
+    limiter = RateLimiter(policy, storage=store, clock=clock, events=EventBus())
+    for _ in range(5):  # answers take no driven time: never slow, whatever the clock reads
+        assert (await limiter.hit(("ip:1",))).admitted
+    breaker = limiter.storage_breaker
+    assert breaker is not None
+    assert breaker.rates() == (5, 0.0, 0.0)
+
+    entered = asyncio.Event()
+
+    class Stuck(_FlakyLimitsStore):
+        async def acquire_entry(self, *args: Any, **kwargs: Any) -> bool:
+            entered.set()
+            await asyncio.Event().wait()
+            return True
+
+    stuck = RateLimiter(
+        RateLimitPolicy(limit="100/minute", storage_timeout=30.0),
+        storage=Stuck(),
+        clock=clock,
+        events=EventBus(),
+    )
+    task = asyncio.create_task(stuck.hit(("ip:1",)))
+    await entered.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert stuck.storage_breaker is not None
+    assert stuck.storage_breaker.in_flight == 0  # its permit came back, as NEUTRAL
+    assert stuck.storage_breaker.rates() == (0, 0.0, 0.0)
+    assert stuck.storage_failures == 0
+    assert stuck.storage_breaker.state is BreakerState.CLOSED
+
+
+@pytest.mark.parametrize("store", ["memory", "limits"])
+async def test_one_rate_decides_whole_to_the_last_half_second(
+    limits_on_our_clock: ManualClock, store: str
+) -> None:
+    clock = limits_on_our_clock
+    policy = RateLimitPolicy(limit="3/minute")  # moving window: one combined hit and read
+    storage = _FlakyLimitsStore() if store == "limits" else None
+    limiter = RateLimiter(policy, storage=storage, clock=clock, events=EventBus())
+    assert await limiter.hit(("ip:1",), cost=2) == Decision(True, "default", 3, 60, 1, 60.0, 0.0)
+    clock.advance(59.5)
+    refused = await limiter.hit(("ip:1",), cost=2)
+    assert refused == Decision(False, "default", 3, 60, 1, 0.5, 0.5)
+    clock.advance(0.51)
+    assert (await limiter.hit(("ip:1",), cost=3)).admitted  # the first two have left

@@ -12,8 +12,21 @@ from hypothesis import strategies as st
 
 from seawall.clock import ManualClock
 from seawall.errors import PolicyError
+from seawall.events import Event, EventBus
 from seawall.policy.retry import ClientPolicy, RetryPolicy
-from seawall.retry import MAX_RETRY_AFTER, RetryBudget, full_jitter_backoff, parse_retry_after
+from seawall.retry import (
+    FINAL,
+    MAX_RETRY_AFTER,
+    Retries,
+    RetriesExhausted,
+    RetryAfterHonoured,
+    RetryBudget,
+    RetryBudgetExhausted,
+    RetryScheduled,
+    Verdict,
+    full_jitter_backoff,
+    parse_retry_after,
+)
 
 WALL = 1_700_000_000.0
 
@@ -134,6 +147,36 @@ def test_budget_minimum_rate_lets_a_quiet_client_retry(clock: ManualClock) -> No
     budget = RetryBudget(ratio=0.1, min_retries_per_second=0.5, window=10, clock=clock)
     budget.record_attempt("h")
     assert sum(budget.try_spend("h") for _ in range(20)) == 5  # 0.5/s x 10 s
+
+
+@pytest.mark.parametrize(("firsts", "allowed"), [(100, 10), (20, 5), (50, 5), (60, 6)])
+def test_budget_is_the_larger_of_ratio_and_minimum_never_their_sum(
+    clock: ManualClock, firsts: int, allowed: int
+) -> None:
+    # ratio 0.1 and a floor of 0.5/s x 10 s = 5: a busy host gets 10% of its first
+    # attempts (amplification stays 1.1), a quiet one its floor; a sum would give both more.
+    budget = RetryBudget(ratio=0.1, min_retries_per_second=0.5, window=10, clock=clock)
+    for _ in range(firsts):
+        budget.record_attempt("h")
+    assert budget.available("h") == allowed
+    assert sum(budget.try_spend("h") for _ in range(3 * allowed)) == allowed
+    assert budget.available("h") == 0
+
+
+def test_a_spent_budget_keeps_refusing_until_its_window_moves_on(clock: ManualClock) -> None:
+    budget = RetryBudget(ratio=0.5, min_retries_per_second=0.0, window=10, clock=clock)
+    for _ in range(4):
+        budget.record_attempt("h")
+    assert [budget.try_spend("h") for _ in range(3)] == [True, True, False]
+    for _ in range(5):  # a refused retry takes nothing, and refusing does not wear out
+        clock.advance(1)
+        assert not budget.try_spend("h")
+        assert budget.available("h") == 0
+    clock.advance(5.01)  # the first attempts and the retries have left the window
+    assert budget.available("h") == 0
+    budget.record_attempt("h")
+    budget.record_attempt("h")
+    assert [budget.try_spend("h") for _ in range(2)] == [True, False]
 
 
 def test_budget_window_slides(clock: ManualClock) -> None:
@@ -341,3 +384,234 @@ async def test_tenacity_can_retry_a_cancelled_error_ours_never_does() -> None:
             except asyncio.CancelledError as exc:
                 await clock.sleep(retries.after_exception(exc))
     assert attempts == 1
+
+
+# ---------------------------------------------------------------- what a call tells
+
+
+def _retries(
+    clock: ManualClock,
+    bus: EventBus,
+    *,
+    attempts: int = 3,
+    budget: RetryBudget | None = None,
+    deadline: float = 30.0,
+) -> Retries[str]:
+    return Retries(
+        host="registry.test",
+        policy=RetryPolicy(attempts=attempts, backoff_base=1.0, backoff_cap=8.0),
+        deadline_at=clock.now() + deadline,
+        budget=budget,
+        judge_result=lambda r: Verdict(r != "ok", r, 4.0 if r == "shed" else None),
+        judge_exception=lambda e: Verdict(True, "connect"),
+        clock=clock,
+        events=bus,
+        rng=lambda: 0.5,
+    )
+
+
+def _recorded() -> tuple[EventBus, list[Event]]:
+    bus, seen = EventBus(), []
+    bus.subscribe(seen.append)
+    return bus, seen
+
+
+def test_each_retry_is_announced_with_its_time_attempt_wait_and_reason() -> None:
+    clock = ManualClock(start=100.0)
+    bus, seen = _recorded()
+    retries = _retries(clock, bus)
+    # shed with Retry-After 4: longer than the backoff (0.5 x 1 s), so honoured
+    assert retries.after_result("shed") == 4.0
+    clock.advance(4.0)
+    wait = retries.after_result("timeout")  # second retry: 0.5 x 2 s of backoff
+    assert wait == 1.0
+    clock.advance(wait)
+    assert retries.after_result("timeout") is None  # the third attempt was the last
+    assert seen == [
+        RetryAfterHonoured(at=100.0, host="registry.test", retry_after=4.0, wait=4.0),
+        RetryScheduled(at=100.0, host="registry.test", attempt=1, wait=4.0, reason="shed"),
+        RetryScheduled(at=104.0, host="registry.test", attempt=2, wait=1.0, reason="timeout"),
+        RetriesExhausted(
+            at=105.0, host="registry.test", attempts=3, why="attempts", reason="timeout"
+        ),
+    ]
+
+
+def test_a_call_stopped_by_its_budget_says_so_at_the_attempt_it_stopped() -> None:
+    clock = ManualClock(start=50.0)
+    bus, seen = _recorded()
+    budget = RetryBudget(ratio=0.0, min_retries_per_second=0.1, window=10, clock=clock)
+    retries = _retries(clock, bus, attempts=5, budget=budget)
+    with pytest.raises(ConnectionError):
+        clock.advance(retries.after_exception(ConnectionError("refused")))  # the one retry
+        retries.after_exception(ConnectionError("refused"))
+    assert seen[1:] == [
+        RetryBudgetExhausted(at=50.5, host="registry.test", attempt=2, reason="connect"),
+        RetriesExhausted(at=50.5, host="registry.test", attempts=2, why="budget", reason="connect"),
+    ]
+    assert budget.available("registry.test") == 0
+
+    # Spent before the first retry: no retry machinery, the same story at attempt 1.
+    seen.clear()
+    again = _retries(clock, bus, attempts=5, budget=budget)
+    assert again.after_result("shed") is None  # the upstream's answer stands
+    assert seen == [
+        RetryBudgetExhausted(at=50.5, host="registry.test", attempt=1, reason="shed"),
+        RetriesExhausted(at=50.5, host="registry.test", attempts=1, why="budget", reason="shed"),
+    ]
+
+
+def test_a_retry_after_shorter_than_the_backoff_or_not_honoured_is_not_reported() -> None:
+    clock = ManualClock(start=0.0)
+    bus, seen = _recorded()
+    retries: Retries[str] = Retries(
+        host="registry.test",
+        policy=RetryPolicy(attempts=3, backoff_base=4.0, backoff_cap=8.0),
+        deadline_at=30.0,
+        budget=None,
+        judge_result=lambda r: Verdict(True, r, 1.0),  # Retry-After: 1
+        judge_exception=lambda e: FINAL,
+        clock=clock,
+        events=bus,
+        rng=lambda: 0.5,
+    )
+    assert retries.after_result("busy") == 2.0  # our own backoff is the longer wait
+    ignoring: Retries[str] = Retries(
+        host="registry.test",
+        policy=RetryPolicy(attempts=3, backoff_base=1.0, honor_retry_after=False),
+        deadline_at=30.0,
+        budget=None,
+        judge_result=lambda r: Verdict(True, r, 20.0),  # Retry-After: 20, ignored
+        judge_exception=lambda e: FINAL,
+        clock=clock,
+        events=bus,
+        rng=lambda: 0.5,
+    )
+    assert ignoring.after_result("busy") == 0.5
+    assert [type(e) for e in seen] == [RetryScheduled, RetryScheduled]
+
+
+def test_the_retry_predicate_composes_with_plain_tenacity() -> None:
+    import tenacity
+
+    from seawall.retry import retry_if_retryable
+
+    clock = ManualClock()
+    call = _retries(clock, EventBus())
+    answers = iter(["shed", "timeout", "not found", "ok"])
+    retrying = tenacity.Retrying(
+        retry=retry_if_retryable(call) & tenacity.retry_if_result(lambda r: r != "timeout"),
+        stop=tenacity.stop_after_attempt(5),
+        sleep=clock.sleep_sync,
+    )
+    assert retrying(lambda: next(answers)) == "timeout"  # retried only "shed"
+    assert call.last == Verdict(True, "timeout")
+
+
+def test_a_single_attempt_policy_gives_up_at_once_and_says_why() -> None:
+    clock = ManualClock(start=7.0)
+    bus, seen = _recorded()
+    assert _retries(clock, bus, attempts=1).after_result("timeout") is None
+    assert seen == [
+        RetriesExhausted(at=7.0, host="registry.test", attempts=1, why="attempts", reason="timeout")
+    ]
+
+
+def test_a_retry_that_could_not_start_before_the_deadline_is_not_taken() -> None:
+    clock = ManualClock(start=0.0)
+    bus, seen = _recorded()
+    budget = RetryBudget(ratio=0.0, min_retries_per_second=1.0, window=10, clock=clock)
+    retries = _retries(clock, bus, attempts=10, budget=budget, deadline=5.0)
+    assert retries.after_result("shed") == 4.0
+    clock.advance(4.0)
+    # the next wait (1 s of backoff) would start the retry at the deadline: none is sent
+    assert retries.after_result("timeout") is None
+    assert seen[-1] == RetriesExhausted(
+        at=4.0, host="registry.test", attempts=2, why="deadline", reason="timeout"
+    )
+    # the deadline stop is asked before the budget: the refused retry spent nothing
+    assert budget.available("registry.test") == 9
+
+
+def test_a_zone_less_http_date_is_gmt_whatever_the_local_zone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import time
+
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    try:
+        # asctime form (RFC 9110's obsolete third form): no zone, meant as GMT
+        assert parse_retry_after("Tue Nov 14 22:13:40 2023", WALL) == 20.0
+        assert parse_retry_after("Tue, 14 Nov 2023 23:13:40 +0100", WALL) == 20.0
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+
+
+@pytest.mark.parametrize(("padding", "expected"), [(62, 10.0), (63, None)])
+def test_a_retry_after_longer_than_64_characters_is_ignored(
+    padding: int, expected: float | None
+) -> None:
+    assert parse_retry_after("0" * padding + "10", WALL) == expected
+
+
+def test_a_default_budget_is_a_tenth_of_first_attempts_or_five_per_ten_seconds(
+    clock: ManualClock,
+) -> None:
+    quiet = RetryBudget(clock=clock)
+    quiet.record_attempt("h")
+    assert quiet.available("h") == 5.0  # 0.5 retries per second over 10 s
+    busy = RetryBudget(clock=clock)
+    for _ in range(200):
+        busy.record_attempt("h")
+    assert busy.available("h") == 20.0  # 10% of 200
+    clock.advance(10.0)
+    assert busy.available("h") == 5.0  # the window is 10 s
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"ratio": -0.1},
+        {"ratio": 1.01},
+        {"min_retries_per_second": -1.0},
+        {"window": 0.0},
+        {"buckets": 0},
+    ],
+)
+def test_a_budget_refuses_values_that_make_no_sense(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match=r"ratio in \[0, 1\], min rate >= 0"):
+        RetryBudget(**kwargs)  # type: ignore[arg-type]
+
+
+def test_a_budget_takes_the_edges_of_its_ranges(clock: ManualClock) -> None:
+    budget = RetryBudget(ratio=1.0, min_retries_per_second=0.0, window=0.5, buckets=1, clock=clock)
+    budget.record_attempt("h")
+    assert budget.try_spend("h") and not budget.try_spend("h")
+
+
+def test_a_budget_from_a_policy_keeps_its_window_clock_and_host_bound(clock: ManualClock) -> None:
+    policy = RetryPolicy(
+        budget_ratio=0.5, budget_min_retries_per_second=0.0, budget_window=20.0
+    )
+    budget = RetryBudget.from_policy(policy, clock=clock, max_hosts=2)
+    for _ in range(4):
+        budget.record_attempt("a")
+    clock.advance(15.0)  # still inside a 20 s window on the driven clock
+    assert budget.available("a") == 2.0
+    for host in "bcd":
+        budget.record_attempt(host)
+    assert len(budget) == 2
+
+
+def test_an_empty_budget_or_one_attempt_decides_without_a_phantom_host() -> None:
+    clock = ManualClock(start=7.0)
+    bus, seen = _recorded()
+    budget = RetryBudget(ratio=0.0, min_retries_per_second=0.0, clock=clock)
+    one = _retries(clock, bus, attempts=1, budget=budget)
+    assert one.after_result("timeout") is None
+    assert seen[-1].why == "attempts"  # type: ignore[attr-defined]
+    assert _retries(clock, bus, attempts=3, budget=budget).after_result("timeout") is None
+    assert seen[-1].why == "budget"  # type: ignore[attr-defined]
+    assert len(budget) == 1  # only the call's own host is tracked

@@ -704,3 +704,179 @@ def test_controller_stays_within_bounds(latencies: list[float]) -> None:
         t += 0.01
         c.on_sample(rtt, now=t, saturated=i % 3 != 0, queued=i % 2 == 0, in_flight=i % 9)
         assert policy.min_limit <= c.limit <= policy.max_limit
+
+
+# -- the limiter's smaller promises ----------------------------------------------------
+
+
+def test_streams_are_capped_and_counted_exactly(clock: ManualClock) -> None:
+    bus, seen = recorder()
+    lim = ConcurrencyLimiter(STATIC.replace(max_streams=2), clock=clock, events=bus)
+    lim.open_stream()
+    lim.open_stream()
+    assert lim.streams == 2
+    refused = lim.try_acquire(7, stream=True)
+    assert isinstance(refused, Rejection)
+    assert (refused.reason, refused.priority) == ("streams", 7)
+    assert seen == [RequestShed(at=clock.now(), reason="streams", priority=7, retry_after=1.0)]
+    assert isinstance(lim.try_acquire(7), ConcurrencySlot)  # only long transfers are capped
+    lim.close_stream()
+    assert lim.streams == 1
+    assert isinstance(lim.try_acquire(7, stream=True), ConcurrencySlot)
+    lim.close_stream()
+    lim.close_stream()  # one close too many never makes room for an extra stream
+    assert lim.streams == 0
+    lim.open_stream()
+    lim.open_stream()
+    assert isinstance(lim.try_acquire(stream=True), Rejection)
+
+
+def test_work_of_an_admitted_request_gets_a_slot_above_the_limit(clock: ManualClock) -> None:
+    lim = ConcurrencyLimiter(STATIC, clock=clock)
+    held = [lim.try_acquire() for _ in range(3)]
+    assert all(isinstance(h, ConcurrencySlot) for h in held)
+    extra = lim.acquire_now()
+    assert (extra.priority, extra.in_flight, extra.started) == (
+        STATIC.default_priority,
+        4,
+        clock.now(),
+    )
+    assert lim.in_flight == 4
+    assert lim.acquire_now(priority=90).priority == 90
+    lim.release(extra)
+    assert lim.in_flight == 4
+
+
+async def test_a_waiter_that_goes_away_frees_its_place_or_its_slot(clock: ManualClock) -> None:
+    lim = ConcurrencyLimiter(STATIC.replace(initial_limit=1), clock=clock)
+    slot = lim.try_acquire()
+    first, second = lim.try_acquire(30), lim.try_acquire(30)
+    assert isinstance(slot, ConcurrencySlot)
+    assert isinstance(first, Waiter) and isinstance(second, Waiter)
+    lim.cancel(first)
+    assert first.result == Rejection("cancelled", 30, 0.0)
+    assert lim.queued == 1
+    assert (await first.future()) == first.result  # a late awaiter sees its answer
+    lim.release(slot)  # the place goes to the second waiter
+    got = second.result
+    assert isinstance(got, ConcurrencySlot) and lim.in_flight == 1
+    lim.cancel(second)  # it had its slot already: the slot comes back
+    assert lim.in_flight == 0 and lim.queued == 0
+    assert isinstance(lim.try_acquire(), ConcurrencySlot)
+
+
+def test_waiters_have_no_deadline_until_overload(clock: ManualClock) -> None:
+    policy = STATIC.replace(
+        initial_limit=1, queue_target=0.01, queue_interval=0.5, overload_after=1.0
+    )
+    bus, seen = recorder()
+    lim = ConcurrencyLimiter(policy, clock=clock, events=bus)
+    first = lim.try_acquire()
+    assert isinstance(first, ConcurrencySlot)
+    clock.advance(0.05)
+    lim.release(first, latency=0.05)  # a drain rate of 20 per second
+    slot = lim.try_acquire()
+    calm = lim.try_acquire()
+    assert isinstance(slot, ConcurrencySlot) and isinstance(calm, Waiter)
+    assert lim.wake_in(calm) is None and lim.time_left(calm) == math.inf
+    for _ in range(12):  # the queue stands: overload, and deadlines, after overload_after
+        clock.advance(0.1)
+        lim.expire()
+    assert lim.overloaded
+    late = lim.try_acquire()
+    assert isinstance(late, Waiter)
+    assert late.deadline == clock.now() + 0.5
+    assert lim.time_left(late) == 0.5 and lim.wake_in(late) == 0.5
+    clock.advance(0.5)
+    assert lim.time_left(late) == 0.0
+    assert lim.wake_in(late) == 0.001  # wake at once, and at least a millisecond on
+    lim.expire()  # the calm waiter got its deadline when overload was declared: passed
+    assert calm.result == Rejection("expired", STATIC.default_priority, 1.0)
+    assert late.pending and lim.queued == 1  # a deadline reached is not yet passed
+    lim.expire(late)
+    assert late.pending
+    clock.advance(0.1)
+    lim.expire(late)
+    assert late.result == Rejection("expired", STATIC.default_priority, 1.0)
+    assert lim.queued == 0
+    shed = [e for e in seen if isinstance(e, RequestShed)]
+    assert shed[-1] == RequestShed(at=clock.now(), reason="expired", priority=20, retry_after=1.0)
+    assert shed[-2] == RequestShed(
+        at=clock.now() - 0.1, reason="expired", priority=20, retry_after=1.0
+    )
+
+
+def test_retry_after_is_the_backlog_over_the_drain_rate(clock: ManualClock) -> None:
+    policy = STATIC.replace(initial_limit=1, max_queue_length=50, retry_after_max=60.0)
+    lim = ConcurrencyLimiter(policy, clock=clock)
+    slot = lim.try_acquire()
+    assert isinstance(slot, ConcurrencySlot)
+    clock.advance(4.0)
+    lim.release(slot, latency=4.0)
+    assert lim.drain_rate() == 0.25  # one slot, held 4 s
+    held = lim.try_acquire()
+    for _ in range(2):
+        lim.try_acquire()
+    assert isinstance(held, ConcurrencySlot) and lim.queued == 2
+    assert lim.retry_after() == 16.0  # (1 in flight + 2 queued + this one) / 0.25 per s
+
+
+def test_overload_keeps_what_the_drain_rate_serves_and_cuts_the_oldest_lowest_first(
+    clock: ManualClock,
+) -> None:
+    policy = STATIC.replace(
+        initial_limit=1, queue_target=0.01, queue_interval=0.5, overload_after=1.0
+    )
+    lim = ConcurrencyLimiter(policy, clock=clock)
+    first = lim.try_acquire()
+    assert isinstance(first, ConcurrencySlot)
+    clock.advance(0.05)
+    lim.release(first, latency=0.05)  # 20 per second: 0.5 s x 20 x 0.5 = 5 kept
+    slot = lim.try_acquire()
+    low = [lim.try_acquire(10) for _ in range(3)]
+    high = [lim.try_acquire(20) for _ in range(2)]
+    assert all(isinstance(w, Waiter) for w in low + high)
+    clock.advance(0.1)
+    assert lim.capacity() == policy.max_queue_length  # not overloaded yet: all may wait
+    for _ in range(11):
+        clock.advance(0.1)
+        lim.expire()
+        if lim.overloaded:
+            break
+    assert lim.overloaded and lim.capacity() == 5 and lim.queued == 5  # nobody cut yet
+    declared = clock.now()
+    assert all(w.pending for w in low + high)
+    assert all(w.deadline == declared + 0.5 for w in low + high)  # nobody waits on
+    more = [lim.try_acquire(10), lim.try_acquire(10)]  # queue full under overload:
+    assert isinstance(more[0], Waiter) and isinstance(more[1], Waiter)
+    displaced = [w for w in low if not w.pending]  # each newcomer displaces the oldest low
+    assert [w.result for w in displaced] == [Rejection("displaced", 10, 1.0)] * 2
+    assert displaced == low[:2] and lim.queued == 5
+    assert isinstance(slot, ConcurrencySlot)
+    lim.release(slot)  # under overload: the highest class, newest first
+    assert isinstance(high[1].result, ConcurrencySlot) and high[0].pending
+
+
+def test_declaring_overload_cuts_the_queue_to_what_drains_oldest_lowest_first(
+    clock: ManualClock,
+) -> None:
+    policy = STATIC.replace(
+        initial_limit=1, queue_target=0.01, queue_interval=0.5, overload_after=1.0
+    )
+    lim = ConcurrencyLimiter(policy, clock=clock)
+    first = lim.try_acquire()
+    assert isinstance(first, ConcurrencySlot)
+    clock.advance(0.05)
+    lim.release(first, latency=0.05)  # keeps 5 under overload
+    lim.try_acquire()
+    low = [lim.try_acquire(10) for _ in range(3)]
+    high = [lim.try_acquire(20) for _ in range(4)]
+    for _ in range(12):
+        clock.advance(0.1)
+        lim.expire()
+        if lim.overloaded:
+            break
+    assert lim.overloaded and lim.queued == 5
+    assert [w.pending for w in low] == [False, False, True]
+    assert all(w.pending for w in high)
+    assert low[0].result == Rejection("expired", 10, 1.0)

@@ -115,7 +115,8 @@ def parse_retry_after(value: str | bytes | None, now_wall: float) -> float | Non
 
     Accepts delta-seconds (and, leniently, a decimal or negative number) and an HTTP-date
     (compared with ``now_wall``, Unix seconds). Never raises: a server bug must not turn a
-    503 into a crash. The result is clamped to ``[0, MAX_RETRY_AFTER]``.
+    503 into a crash. A value longer than 64 characters is ignored unparsed. The result is
+    clamped to ``[0, MAX_RETRY_AFTER]``.
     """
     try:
         if value is None:
