@@ -143,6 +143,12 @@ async def test_tampered_bytes_in_redis_are_never_served(redis_url: str, namespac
     assert b_store.shared_stats.corrupt == 1
 
 
+def test_the_breaker_name_carries_no_password() -> None:
+    store = SharedMetaStore("redis://:hunter2@127.0.0.1:1/0", namespace="named")
+    assert "hunter2" not in store._breaker.name
+    assert store._breaker.name == "cache-redis 127.0.0.1:1"
+
+
 async def test_redis_gone_costs_bounded_attempts_and_never_fails_a_request(
     redis_process,  # type: ignore[no-untyped-def]
 ) -> None:

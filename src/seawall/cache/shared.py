@@ -24,6 +24,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from seawall.breaker import CircuitBreaker, CircuitOpenError, Outcome
 from seawall.cache.memory import MemoryStore
@@ -115,15 +116,21 @@ class SharedMetaStore(Store):
         self.shared_max_bytes = max_bytes
         self.shared_max_entry_bytes = min(max_entry_bytes, max_bytes)
         self.ttl = int(ttl)
-        self.stats = StoreStats()
-        self.shared_stats = StoreStats()
+        self.stats = self.local.stats  # what the worker's own store did
+        self.shared_stats = StoreStats()  # Redis: commits, evictions, failed calls, corrupt
         self._redis = client
         self._prefix = f"seawall:{SCHEMA}:cache:{namespace}:"
         self._put = client.register_script(_PUT)
         self._delete = client.register_script(_DELETE)
         self._clock = clock
+        # named by host and port only: a URL may carry a password, and the name reaches
+        # events, logs and metric labels
+        where = urlsplit(url)
         self._breaker = CircuitBreaker(
-            f"cache redis {url}", STORAGE_BREAKER, clock=clock, events=events
+            f"cache-redis {where.hostname}:{where.port or 6379}",
+            STORAGE_BREAKER,
+            clock=clock,
+            events=events,
         )
 
     # -- Redis calls, each behind the breaker ------------------------------------------
