@@ -821,9 +821,9 @@ def test_retry_after_is_the_backlog_over_the_drain_rate(clock: ManualClock) -> N
     assert lim.retry_after() == 16.0  # (1 in flight + 2 queued + this one) / 0.25 per s
 
 
-def test_overload_keeps_what_the_drain_rate_serves_and_cuts_the_oldest_lowest_first(
-    clock: ManualClock,
-) -> None:
+def _limiter_that_keeps_five(clock: ManualClock) -> tuple[ShedPolicy, ConcurrencyLimiter]:
+    """One slot, a measured drain rate of 20 per second: under overload the queue keeps
+    what drains in half the interval, 0.5 s x 20 x 0.5 = 5."""
     policy = STATIC.replace(
         initial_limit=1, queue_target=0.01, queue_interval=0.5, overload_after=1.0
     )
@@ -831,7 +831,14 @@ def test_overload_keeps_what_the_drain_rate_serves_and_cuts_the_oldest_lowest_fi
     first = lim.try_acquire()
     assert isinstance(first, ConcurrencySlot)
     clock.advance(0.05)
-    lim.release(first, latency=0.05)  # 20 per second: 0.5 s x 20 x 0.5 = 5 kept
+    lim.release(first, latency=0.05)
+    return policy, lim
+
+
+def test_overload_keeps_what_the_drain_rate_serves_and_cuts_the_oldest_lowest_first(
+    clock: ManualClock,
+) -> None:
+    policy, lim = _limiter_that_keeps_five(clock)
     slot = lim.try_acquire()
     low = [lim.try_acquire(10) for _ in range(3)]
     high = [lim.try_acquire(20) for _ in range(2)]
@@ -860,14 +867,7 @@ def test_overload_keeps_what_the_drain_rate_serves_and_cuts_the_oldest_lowest_fi
 def test_declaring_overload_cuts_the_queue_to_what_drains_oldest_lowest_first(
     clock: ManualClock,
 ) -> None:
-    policy = STATIC.replace(
-        initial_limit=1, queue_target=0.01, queue_interval=0.5, overload_after=1.0
-    )
-    lim = ConcurrencyLimiter(policy, clock=clock)
-    first = lim.try_acquire()
-    assert isinstance(first, ConcurrencySlot)
-    clock.advance(0.05)
-    lim.release(first, latency=0.05)  # keeps 5 under overload
+    _, lim = _limiter_that_keeps_five(clock)
     lim.try_acquire()
     low = [lim.try_acquire(10) for _ in range(3)]
     high = [lim.try_acquire(20) for _ in range(4)]

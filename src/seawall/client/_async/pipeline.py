@@ -23,7 +23,7 @@ from urllib.parse import urljoin
 from seawall.cache._async.io import AsyncCacheRecorder
 from seawall.cache.fallback import FallbackCache, Hit
 from seawall.cache.freshness import State
-from seawall.cache.keys import RequestInfo, credential_scope, request_key
+from seawall.cache.keys import RequestInfo, request_key
 from seawall.client.core import (
     BUILD_STEP,
     CALL_TIME_LIMIT,
@@ -244,10 +244,10 @@ class AsyncCoalescer(Generic[Req, Resp]):
         if face.method(request) != "GET" or not is_immutable_url(face.target(request)):
             return None
         info = face.request_info(request)
-        if request_key(info, namespace="coalesce").digest is None:
+        rk = request_key(info, namespace="coalesce")  # its scope: the credential scope
+        if rk.digest is None:
             return None
-        scope = credential_scope(info, public=False, namespace="coalesce")
-        return (info.url, scope, info.header("accept") or "", info.header("range") or "")
+        return (info.url, rk.scope, info.header("accept") or "", info.header("range") or "")
 
     async def fetch(
         self,
