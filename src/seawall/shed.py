@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import math
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -294,12 +294,13 @@ class StepTracker:
     steps never make another's requests look like continuations.
     """
 
-    __slots__ = ("_capacity", "_idle", "_seen")
+    __slots__ = ("_capacity", "_idle", "_seen", "_swept")
 
     def __init__(self, idle: float, capacity: int) -> None:
         self._idle = idle
         self._capacity = capacity
-        self._seen: OrderedDict[Hashable, float] = OrderedDict()
+        self._seen: dict[Hashable, float] = {}  # in admission order, oldest first
+        self._swept = -math.inf
 
     def __len__(self) -> int:
         return len(self._seen)
@@ -310,17 +311,29 @@ class StepTracker:
         return at is not None and now - at <= self._idle
 
     def admitted(self, key: Hashable, now: float) -> None:
-        """Record an admission of ``key`` at ``now``."""
+        """Record an admission of ``key`` at ``now``.
+
+        Keys idle for longer than ``idle`` are forgotten once per ``idle`` period, not on
+        every admission: ``started`` reads each key's own time, so a stale key that is
+        still kept never counts, and an admission costs no scan.
+        """
         if self._capacity == 0:
             return
         seen = self._seen
+        seen.pop(key, None)  # inserted again: last in admission order
         seen[key] = now
-        seen.move_to_end(key)
-        while seen:
-            oldest, at = next(iter(seen.items()))
-            if len(seen) <= self._capacity and now - at <= self._idle:
-                break
-            del seen[oldest]
+        if len(seen) > self._capacity:
+            del seen[next(iter(seen))]
+        if now - self._swept >= self._idle:
+            self._swept = now
+            idle = self._idle
+            stale = []
+            for old, at in seen.items():
+                if now - at <= idle:
+                    break
+                stale.append(old)
+            for old in stale:
+                del seen[old]
 
 
 class ConcurrencyLimiter:
@@ -454,16 +467,18 @@ class ConcurrencyLimiter:
     # -- decisions ---------------------------------------------------------------------
 
     def try_acquire(
-        self, priority: int | None = None, *, stream: bool = False
+        self, priority: int | None = None, *, stream: bool = False, now: float | None = None
     ) -> ConcurrencySlot | Waiter | Rejection:
         """Admit now, queue, or reject now. A :class:`Waiter` must be waited on or cancelled.
 
         ``priority`` None means the policy's ``default_priority``; higher is shed later.
         ``stream``: the request is a long transfer, refused while ``max_streams`` run.
+        ``now``: the clock's reading, when the caller has just taken it.
         """
         if priority is None:
             priority = self.policy.default_priority
-        now = self._clock.now()
+        if now is None:
+            now = self._clock.now()
         if stream and self._streams >= self.policy.max_streams:
             return self._reject("streams", priority, now)
         if self._queued:
@@ -471,7 +486,8 @@ class ConcurrencyLimiter:
             self._dispatch(now)
         if self._queued == 0:
             self._spare(now)
-        limit = self.limit
+        controller = self._controller
+        limit = self.policy.initial_limit if controller is None else int(controller._limit)
         if self._queued == 0 and self._in_flight < self.admit_limit(priority, now, limit):
             self._in_flight += 1
             if self._in_flight >= limit:
@@ -508,12 +524,16 @@ class ConcurrencyLimiter:
         self._in_flight += 1
         return ConcurrencySlot(self._clock.now(), priority, self._in_flight)
 
-    def release(self, slot: ConcurrencySlot, *, latency: float | None = None) -> None:
-        """Give a slot back (idempotent). ``latency`` feeds the controller when given."""
+    def release(
+        self, slot: ConcurrencySlot, *, latency: float | None = None, now: float | None = None
+    ) -> None:
+        """Give a slot back (idempotent). ``latency`` feeds the controller when given;
+        ``now``: the clock's reading, when the caller has just taken it."""
         if slot.released:
             return
         slot.released = True
-        now = self._clock.now()
+        if now is None:
+            now = self._clock.now()
         queued = self._queued > 0
         controller = self._controller
         limit = self.policy.initial_limit if controller is None else int(controller._limit)

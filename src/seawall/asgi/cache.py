@@ -95,8 +95,12 @@ class _KeyMemo:
             scope.get("query_string", b""),
         ]
         size = 0
+        credential = self._credential
         for name, value in scope.get("headers") or ():
-            if name in (b"host", b"accept") or self._is_credential(name):
+            known = credential.get(name)
+            if known is None:
+                known = self._is_credential(name)
+            if known or name in (b"host", b"accept"):
                 parts.append(name)
                 parts.append(value)
                 size += len(value)
@@ -175,6 +179,8 @@ class FallbackCacheMiddleware:
 
     def _falls_back(self, message: Message) -> bool:
         status = int(message["status"])
+        if status < 400:
+            return False  # neither a refusal nor a failure: the common answer costs no scan
         refused = next((v for k, v in message.get("headers", ()) if k.lower() == _REFUSED), None)
         if refused is not None:
             if refused == b"shed":

@@ -175,38 +175,30 @@ class LoadShedMiddleware:
                 repository = _repository(path, cls)
                 if repository is not None:
                     step_key = (request.tenant, repository)
-            if (
-                step_key is not None
-                and priority < policy.continuation_priority
-                and self.steps.started(step_key, self.clock.now())
-            ):
-                priority = policy.continuation_priority
-        first = self.limiter.try_acquire(priority, stream=stream)
+        now = self.clock.now()  # one reading for the whole admission
+        if (
+            step_key is not None
+            and priority < policy.continuation_priority
+            and self.steps.started(step_key, now)
+        ):
+            priority = policy.continuation_priority
+        first = self.limiter.try_acquire(priority, stream=stream, now=now)
         outcome: ConcurrencySlot | Rejection | None
         if isinstance(first, Waiter):
             outcome, receive = await self._wait(first, receive)
             if outcome is None:
                 return  # the client left while queued: the app never runs for it
+            now = self.clock.now()
         else:
             outcome = first
         if isinstance(outcome, Rejection):
             await self._reject(send, outcome, head_only=method == "HEAD")
             return
         if step_key is not None:
-            self.steps.admitted(step_key, self.clock.now())
-        await self._run(outcome, scope, receive, send, has_body=request.body != 0)
-
-    async def _run(
-        self,
-        slot: ConcurrencySlot,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        *,
-        has_body: bool,
-    ) -> None:
-        run = _Run(self, slot, send, scope.get("path", "/"))
-        app_receive = run.watch_body(receive) if has_body else receive
+            self.steps.admitted(step_key, now)
+        # the admitted request runs here, not in a helper coroutine: one frame less a request
+        run = _Run(self, outcome, send, path)
+        app_receive = run.watch_body(receive) if request.body != 0 else receive
         try:
             await self.app(scope, app_receive, run.send)
         except Exception:
@@ -340,7 +332,7 @@ class _Run:
         self._limiter = mw.limiter
         self._slot: ConcurrencySlot | None = slot
         self._send = send
-        self._work_started = mw.clock.now()
+        self._work_started = slot.started  # the slot is held from the moment it was granted
         self._streams = 0  # 0, or 1 while a body (in or out) holds a stream
         self._answered = False  # we sent the 408 ourselves
         self.started = False  # the response started
@@ -372,7 +364,8 @@ class _Run:
             slot = self._slot  # _end_work(sample=True) and _open_stream(), inlined: hot
             if slot is not None:
                 self._slot = None
-                self._limiter.release(slot, latency=self._mw.clock.now() - self._work_started)
+                now = self._mw.clock.now()
+                self._limiter.release(slot, latency=now - self._work_started, now=now)
             if self._streams == 0:
                 self._streams = 1
                 self._limiter._streams += 1
@@ -432,8 +425,10 @@ class _Run:
         return {"type": "http.disconnect"}
 
     def finish(self) -> None:
-        self._end_work(sample=False)
-        self._close_stream()
+        if self._slot is not None:  # an answered request has given back both already
+            self._end_work(sample=False)
+        if self._streams:
+            self._close_stream()
 
 
 async def _within(
