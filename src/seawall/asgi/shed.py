@@ -134,8 +134,8 @@ class LoadShedMiddleware:
         self.limiter = ConcurrencyLimiter(policy, clock=clock, events=events)
         self.steps = StepTracker(policy.step_idle, policy.step_memory)
         self._shed_responses: dict[tuple[int, str, int, bool], tuple[Message, ...]] = {}
-        # classes of recent reads (bounded; a registry sees the same paths again and again)
-        self._classes: dict[tuple[str, str, str], tuple[RequestClass | None]] = {}
+        # class and repository of recent reads (bounded; a registry sees the same paths again)
+        self._classes: dict[tuple[str, str, str], tuple[RequestClass | None, str | None]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -146,15 +146,17 @@ class LoadShedMiddleware:
         request = _read(scope, method)
         policy = self.policy
         cls: RequestClass | None
-        if request.body == 0:  # a read: its class depends on the request line only
+        repository: str | None = None
+        if request.body == 0:  # a read: its class and repository depend on the request line
             memo = (method, path, request.accept)
             known = self._classes.get(memo)
             if known is None:
                 cls = policy.classify(method, path, request.accept, 0)
+                repository = _repository(path, cls)
                 if len(path) < 1024:
-                    remember(self._classes, memo, (cls,), 4096)
+                    remember(self._classes, memo, (cls, repository), 4096)
             else:
-                cls = known[0]
+                cls, repository = known
         else:
             cls = policy.classify(method, path, request.accept, request.body)
         if cls is None:
@@ -172,7 +174,8 @@ class LoadShedMiddleware:
             if step is not None:
                 step_key = (request.tenant, "step", step)
             else:
-                repository = _repository(path, cls)
+                if request.body != 0:  # a read with a body: not memoised above
+                    repository = _repository(path, cls)
                 if repository is not None:
                     step_key = (request.tenant, repository)
         now = self.clock.now()  # one reading for the whole admission
