@@ -25,6 +25,7 @@ PACKAGES = ("src/seawall/cache", "src/seawall/client")
 REPLACEMENTS = {
     "_async": "_sync",
     "aclose": "close",
+    "aclosing": "closing",
     "aio": "sync",
     "sleep": "sleep_sync",
     "async_deadline": "sync_deadline",

@@ -162,6 +162,11 @@ class SpyStore(Store):
         ]
         assert self.misuse == []
 
+    def all_closed(self) -> None:
+        """Every reader the cache opened was given back, read or not: a user's store may
+        hold a file or a connection open until then."""
+        assert [r.closed for r in self.readers] == [True] * len(self.readers)
+
 
 def make(store: SpyStore) -> tuple[FallbackCache, ManualClock, list[Event]]:
     clock = ManualClock()
@@ -558,3 +563,42 @@ async def test_a_304_does_not_write_to_a_store_whose_writes_are_disabled() -> No
     assert fresh.fresh
     assert "replace_meta" not in store.calls and len(store.writers) == 1
     store.well_used()
+
+
+# -- readers given back ---------------------------------------------------------------------
+
+
+async def test_a_lookup_closes_the_readers_it_does_not_stream() -> None:
+    store = SpyStore()
+    cache, _, _ = make(store)
+    headers = [*ETAG, ("vary", "Accept")]
+    json = (("accept", "application/json"),)
+    assert await record(cache, PAGE, b'{"demo": 1}', headers, json)
+    assert await cache.lookup(RequestInfo("GET", PAGE, json)) is not None
+    assert len(store.readers) == 2  # the Vary index, then the variant
+    key = cache.key(RequestInfo("GET", blob_url(BODY))).base
+    store.entries[key] = ({"v": "an older format"}, [BODY])
+    assert await cache.lookup(RequestInfo("GET", blob_url(BODY))) is None
+    store.all_closed()
+
+
+async def test_a_lookup_on_a_store_of_trusted_bytes_closes_the_reader_it_did_not_need() -> None:
+    store = SpyStore(trusted=True)
+    cache, _, _ = make(store)
+    assert await record(cache, PAGE, BODY, ETAG)
+    assert await cache.lookup(RequestInfo("GET", PAGE)) is not None
+    assert len(store.readers) == 1
+    store.all_closed()
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+async def test_a_body_left_after_its_first_chunk_closes_its_reader_at_once(trusted: bool) -> None:
+    store = SpyStore(trusted=trusted)
+    cache, _, _ = make(store)
+    assert await record(cache, PAGE, BODY, ETAG)
+    hit = await cache.lookup(RequestInfo("GET", PAGE))
+    assert hit is not None
+    body = cache.body(hit)
+    assert await anext(body) == BODY[:500]
+    await body.aclose()  # the client went away: closed now, not at the next GC pass
+    store.all_closed()

@@ -48,9 +48,13 @@ class AsyncCacheIO:
                     return
                 yield block
         finally:
-            close = getattr(chunks, "close", None)
-            if close is not None:
-                await async_offload(self._blocking, close)
+            await self._close(chunks)
+
+    async def _close(self, chunks: Iterator[bytes]) -> None:
+        """Give back a stored body's reader (a user's store may hold a file or connection)."""
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            await async_offload(self._blocking, close)
 
     # -- reading ------------------------------------------------------------------------
 
@@ -70,6 +74,7 @@ class AsyncCacheIO:
         reader = await async_offload(self._blocking, store.open_reader, key)
         if reader is not None and "vary_index" in reader[0]:
             names = tuple(str(n) for n in reader[0]["vary_index"])
+            await self._close(reader[1])  # an index has no body worth reading
             key = variant_key(rk.base, vary_values(request, names))
             reader = await async_offload(self._blocking, store.open_reader, key)
         if reader is None:
@@ -78,9 +83,11 @@ class AsyncCacheIO:
         meta, chunks = reader
         hit = cache.hit_from_meta(key, rk, meta)
         if hit is None:
+            await self._close(chunks)
             await self._corrupt(key, rk.url, "unreadable metadata")
             return None
         if store.trusted_bytes:
+            await self._close(chunks)
             return hit  # verified when committed, and they cannot change since
         problem = await self._verify(hit, chunks)
         if problem is not None:
@@ -120,20 +127,22 @@ class AsyncCacheIO:
             raise CacheCorruptError(f"cache entry for {hit.url} disappeared")
         meta, chunks = reader
         if meta.get("hash") != hit.content_hash or meta.get("size") != hit.size:
-            close = getattr(chunks, "close", None)
-            if close is not None:
-                await async_offload(self._blocking, close)
+            await self._close(chunks)
             raise CacheCorruptError(f"cache entry for {hit.url} was replaced since its lookup")
+        # closed on leaving: a caller that stops reading early closes the reader now, not at the
+        # garbage collector's next pass
         if cache.store.trusted_bytes:
-            async for chunk in self._chunks(chunks):
-                yield chunk
+            async with contextlib.aclosing(self._chunks(chunks)) as blocks:
+                async for chunk in blocks:
+                    yield chunk
             return
         h = cache.hasher(hit.content_hash)
         size = 0
-        async for chunk in self._chunks(chunks):
-            h.update(chunk)
-            size += len(chunk)
-            yield chunk
+        async with contextlib.aclosing(self._chunks(chunks)) as blocks:
+            async for chunk in blocks:
+                h.update(chunk)
+                size += len(chunk)
+                yield chunk
         if size != hit.size or f"{h.name}:{h.hexdigest()}" != hit.content_hash:
             await self._corrupt(hit.key, hit.url, "changed while served")
             raise CacheCorruptError(f"cache entry for {hit.url} changed while served")

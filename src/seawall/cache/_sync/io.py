@@ -49,9 +49,13 @@ class SyncCacheIO:
                     return
                 yield block
         finally:
-            close = getattr(chunks, "close", None)
-            if close is not None:
-                sync_offload(self._blocking, close)
+            self._close(chunks)
+
+    def _close(self, chunks: Iterator[bytes]) -> None:
+        """Give back a stored body's reader (a user's store may hold a file or connection)."""
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            sync_offload(self._blocking, close)
 
     # -- reading ------------------------------------------------------------------------
 
@@ -71,6 +75,7 @@ class SyncCacheIO:
         reader = sync_offload(self._blocking, store.open_reader, key)
         if reader is not None and "vary_index" in reader[0]:
             names = tuple(str(n) for n in reader[0]["vary_index"])
+            self._close(reader[1])  # an index has no body worth reading
             key = variant_key(rk.base, vary_values(request, names))
             reader = sync_offload(self._blocking, store.open_reader, key)
         if reader is None:
@@ -79,9 +84,11 @@ class SyncCacheIO:
         meta, chunks = reader
         hit = cache.hit_from_meta(key, rk, meta)
         if hit is None:
+            self._close(chunks)
             self._corrupt(key, rk.url, "unreadable metadata")
             return None
         if store.trusted_bytes:
+            self._close(chunks)
             return hit  # verified when committed, and they cannot change since
         problem = self._verify(hit, chunks)
         if problem is not None:
@@ -121,20 +128,22 @@ class SyncCacheIO:
             raise CacheCorruptError(f"cache entry for {hit.url} disappeared")
         meta, chunks = reader
         if meta.get("hash") != hit.content_hash or meta.get("size") != hit.size:
-            close = getattr(chunks, "close", None)
-            if close is not None:
-                sync_offload(self._blocking, close)
+            self._close(chunks)
             raise CacheCorruptError(f"cache entry for {hit.url} was replaced since its lookup")
+        # closed on leaving: a caller that stops reading early closes the reader now, not at the
+        # garbage collector's next pass
         if cache.store.trusted_bytes:
-            for chunk in self._chunks(chunks):
-                yield chunk
+            with contextlib.closing(self._chunks(chunks)) as blocks:
+                for chunk in blocks:
+                    yield chunk
             return
         h = cache.hasher(hit.content_hash)
         size = 0
-        for chunk in self._chunks(chunks):
-            h.update(chunk)
-            size += len(chunk)
-            yield chunk
+        with contextlib.closing(self._chunks(chunks)) as blocks:
+            for chunk in blocks:
+                h.update(chunk)
+                size += len(chunk)
+                yield chunk
         if size != hit.size or f"{h.name}:{h.hexdigest()}" != hit.content_hash:
             self._corrupt(hit.key, hit.url, "changed while served")
             raise CacheCorruptError(f"cache entry for {hit.url} changed while served")
