@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 
 from seawall.cache.fallback import (
     CacheCorruptError,
@@ -39,7 +39,7 @@ class AsyncCacheIO:
         self.cache = cache
         self._blocking = cache.store.blocking
 
-    async def _chunks(self, chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
+    async def _chunks(self, chunks: Iterator[bytes]) -> AsyncGenerator[bytes, None]:
         """A stored body, each block read where the store's reads belong."""
         try:
             while True:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterator, Iterator, Sequence
+from collections.abc import Generator, Iterator, Iterator, Sequence
 
 from seawall.cache.fallback import (
     CacheCorruptError,
@@ -40,7 +40,7 @@ class SyncCacheIO:
         self.cache = cache
         self._blocking = cache.store.blocking
 
-    def _chunks(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
+    def _chunks(self, chunks: Iterator[bytes]) -> Generator[bytes, None]:
         """A stored body, each block read where the store's reads belong."""
         try:
             while True:
