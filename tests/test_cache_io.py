@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from seawall.cache import CacheCorrupt, FallbackCache, MemoryStore, RequestInfo
-from seawall.cache.fallback import CacheCorruptError, CacheRejected, CacheStored
+from seawall.cache.fallback import CacheCorruptError, CacheRejected, CacheStored, Hit
 from seawall.cache.store import Meta, Reader, Store, StoreStats, Writer
 from seawall.clock import ManualClock
 from seawall.events import Event, EventBus
@@ -198,6 +198,14 @@ async def read(body: AsyncIterator[bytes]) -> bytes:
     return b"".join([chunk async for chunk in body])
 
 
+async def stored_page(cache: FallbackCache) -> Hit:
+    """The page recorded, then looked up (fresh)."""
+    assert await record(cache, PAGE, BODY, ETAG)
+    hit = await cache.lookup(RequestInfo("GET", PAGE))
+    assert hit is not None
+    return hit
+
+
 def flip(store: SpyStore, key: str) -> None:
     """Bit rot in a stored body: same length, same metadata, other bytes."""
     blocks = store.entries[key][1]
@@ -295,9 +303,7 @@ async def test_bit_rot_is_evicted_and_named(url: str, reason: str) -> None:
 async def test_a_body_that_disappeared_since_its_lookup_is_not_served() -> None:
     store = SpyStore()
     cache, _, _ = make(store)
-    assert await record(cache, PAGE, BODY, ETAG)
-    hit = await cache.lookup(RequestInfo("GET", PAGE))
-    assert hit is not None
+    hit = await stored_page(cache)
     store.entries.clear()  # evicted by another worker
     with pytest.raises(CacheCorruptError, match=f"entry for {PAGE} disappeared"):
         await anext(cache.body(hit))
@@ -307,9 +313,7 @@ async def test_a_body_that_disappeared_since_its_lookup_is_not_served() -> None:
 async def test_a_body_replaced_since_its_lookup_fails_before_its_first_byte() -> None:
     store = SpyStore()
     cache, _, _ = make(store)
-    assert await record(cache, PAGE, BODY, ETAG)
-    hit = await cache.lookup(RequestInfo("GET", PAGE))
-    assert hit is not None
+    hit = await stored_page(cache)
     # another worker recorded a new version of the same length: the headers chosen for
     # the old one would go out with the new bytes
     new = BODY.replace(b"demo", b"DEMO")
@@ -323,9 +327,7 @@ async def test_a_body_replaced_since_its_lookup_fails_before_its_first_byte() ->
 
 async def test_a_replaced_body_is_refused_on_the_memory_store_too() -> None:
     cache = FallbackCache(MemoryStore(), clock=ManualClock())
-    assert await record(cache, PAGE, BODY, ETAG)
-    hit = await cache.lookup(RequestInfo("GET", PAGE))
-    assert hit is not None
+    hit = await stored_page(cache)
     assert await record(cache, PAGE, BODY.replace(b"demo", b"DEMO"), [("etag", '"v2"')])
     with pytest.raises(CacheCorruptError, match="was replaced since its lookup"):
         await anext(cache.body(hit))  # its chunks have no close(): nothing to close
@@ -334,9 +336,7 @@ async def test_a_replaced_body_is_refused_on_the_memory_store_too() -> None:
 async def test_bytes_that_change_while_served_cut_the_stream_and_evict_the_entry() -> None:
     store = SpyStore()
     cache, clock, seen = make(store)
-    assert await record(cache, PAGE, BODY, ETAG)
-    hit = await cache.lookup(RequestInfo("GET", PAGE))
-    assert hit is not None
+    hit = await stored_page(cache)
     flip(store, hit.key)  # bit rot between the lookup's check and the answer
     served: list[bytes] = []
     with pytest.raises(CacheCorruptError, match=f"entry for {PAGE} changed while served"):
@@ -477,13 +477,19 @@ async def test_a_commit_that_fails_keeps_nothing_and_raises_nothing(abort_fails:
 # -- refreshing (304 Not Modified) -----------------------------------------------------------
 
 
-async def test_a_304_refreshes_the_stored_metadata_in_place() -> None:
-    store = SpyStore()
+async def stale_entry(store: SpyStore) -> tuple[FallbackCache, ManualClock, Hit]:
+    """The page recorded with a 60 s max-age, looked up 100 s later: stale."""
     cache, clock, _ = make(store)
     assert await record(cache, PAGE, BODY, ETAG)
     clock.advance(100)
     stale = await cache.lookup(RequestInfo("GET", PAGE))
     assert stale is not None and not stale.fresh
+    return cache, clock, stale
+
+
+async def test_a_304_refreshes_the_stored_metadata_in_place() -> None:
+    store = SpyStore()
+    cache, _, stale = await stale_entry(store)
     fresh = await cache.refresh(stale, [("cache-control", "max-age=600")])
     assert fresh.fresh
     assert store.entries[stale.key][0] == fresh.meta
@@ -495,11 +501,7 @@ async def test_a_304_refreshes_the_stored_metadata_in_place() -> None:
 async def test_a_304_on_a_store_that_cannot_replace_metadata_copies_the_body() -> None:
     store = SpyStore()
     store.can_replace_meta = False
-    cache, clock, _ = make(store)
-    assert await record(cache, PAGE, BODY, ETAG)
-    clock.advance(100)
-    stale = await cache.lookup(RequestInfo("GET", PAGE))
-    assert stale is not None
+    cache, clock, stale = await stale_entry(store)
     store.flush_every_write = True
     fresh = await cache.refresh(stale, [("cache-control", "max-age=600")])
     copy = store.writers[-1]
@@ -516,11 +518,7 @@ async def test_a_304_on_a_store_that_cannot_replace_metadata_copies_the_body() -
 async def test_a_copy_that_fails_midway_is_aborted_and_the_304_still_answers() -> None:
     store = SpyStore()
     store.can_replace_meta = False
-    cache, clock, _ = make(store)
-    assert await record(cache, PAGE, BODY, ETAG)
-    clock.advance(100)
-    stale = await cache.lookup(RequestInfo("GET", PAGE))
-    assert stale is not None
+    cache, _, stale = await stale_entry(store)
     new = BODY.replace(b"demo", b"DEMO")
     assert await record(cache, PAGE, new, [("etag", '"v2"')])  # replaced meanwhile
     fresh = await cache.refresh(stale, [("cache-control", "max-age=600")])
@@ -533,11 +531,7 @@ async def test_a_copy_that_fails_midway_is_aborted_and_the_304_still_answers() -
 
 async def test_a_304_leaves_the_store_alone_while_the_key_is_being_recorded() -> None:
     store = SpyStore()
-    cache, clock, _ = make(store)
-    assert await record(cache, PAGE, BODY, ETAG)
-    clock.advance(100)
-    stale = await cache.lookup(RequestInfo("GET", PAGE))
-    assert stale is not None
+    cache, _, stale = await stale_entry(store)
     before = store.entries[stale.key]
     rec = await cache.recorder(RequestInfo("GET", PAGE), 200, [("etag", '"v2"')])
     assert rec is not None
@@ -553,11 +547,7 @@ async def test_a_304_leaves_the_store_alone_while_the_key_is_being_recorded() ->
 
 async def test_a_304_does_not_write_to_a_store_whose_writes_are_disabled() -> None:
     store = SpyStore()
-    cache, clock, _ = make(store)
-    assert await record(cache, PAGE, BODY, ETAG)
-    clock.advance(100)
-    stale = await cache.lookup(RequestInfo("GET", PAGE))
-    assert stale is not None
+    cache, _, stale = await stale_entry(store)
     store.writes_enabled = False  # e.g. a full disk
     fresh = await cache.refresh(stale, [("cache-control", "max-age=600")])
     assert fresh.fresh
@@ -595,9 +585,7 @@ async def test_a_lookup_on_a_store_of_trusted_bytes_closes_the_reader_it_did_not
 async def test_a_body_left_after_its_first_chunk_closes_its_reader_at_once(trusted: bool) -> None:
     store = SpyStore(trusted=trusted)
     cache, _, _ = make(store)
-    assert await record(cache, PAGE, BODY, ETAG)
-    hit = await cache.lookup(RequestInfo("GET", PAGE))
-    assert hit is not None
+    hit = await stored_page(cache)
     body = cache.body(hit)
     assert await anext(body) == BODY[:500]
     await body.aclose()  # the client went away: closed now, not at the next GC pass
