@@ -209,9 +209,7 @@ def test_the_stale_windows_include_their_last_instant_and_nothing_at_zero() -> N
 
 
 def test_cache_control_spread_over_lines_quoted_values_and_a_billion_seconds() -> None:
-    f = fresh(
-        [("cache-control", 'max-age="1000000000"'), ("cache-control", "stale-if-error=7")]
-    )
+    f = fresh([("cache-control", 'max-age="1000000000"'), ("cache-control", "stale-if-error=7")])
     assert (f.lifetime, f.stale_if_error) == (1_000_000_000.0, 7.0)
 
 
@@ -245,3 +243,78 @@ def test_what_looks_like_an_artifact() -> None:
     oci = [("Content-Type", " application/vnd.oci.image.index.v1+json")]
     assert is_artifact("/api/anything", None, oci)
     assert not is_artifact("/api/session", None, [("content-type", "application/json")])
+
+
+# ---------------------------------------------------------------- what the server face keeps
+
+
+@pytest.mark.parametrize(
+    ("cache_control_value", "allowed"),
+    [
+        ("public", True),
+        ("Public", True),
+        ("s-maxage=60", True),
+        ("max-age=0", True),
+        ("no-cache", False),
+        (None, False),
+    ],
+)
+def test_a_response_says_a_shared_cache_may_keep_it(
+    cache_control_value: str | None, allowed: bool
+) -> None:
+    from seawall.cache.freshness import shared_cache_allowed
+
+    headers = [] if cache_control_value is None else [("Cache-Control", cache_control_value)]
+    assert shared_cache_allowed(headers) is allowed
+
+
+def test_quoted_field_names_in_cache_control_are_kept_whole() -> None:
+    assert cache_control('no-cache="X-Auth-Token", private="X-User"') == {
+        "no-cache": "X-Auth-Token",
+        "private": "X-User",
+    }
+
+
+def test_a_one_second_stale_if_error_window_is_honoured() -> None:
+    f = fresh([("cache-control", "max-age=10, stale-if-error=1")])
+    assert evaluate(f, NOW + 10.5) is State.STALE_IF_ERROR
+    assert evaluate(f, NOW + 11.0) is State.STALE_IF_ERROR
+    assert evaluate(f, NOW + 11.5) is State.EXPIRED
+
+
+def test_freshness_survives_its_json_on_disk() -> None:
+    """The metadata is written as strict JSON (Redis and other readers), read back by
+    another process, and may have been written before a field existed."""
+    import json
+
+    for f in (
+        fresh([("cache-control", "max-age=10, must-revalidate")]),
+        fresh([("cache-control", "max-age=10, proxy-revalidate, stale-if-error=60")]),
+        fresh([("cache-control", "max-age=10, stale-while-revalidate=5")]),
+        fresh([], immutable=True),
+    ):
+        text = json.dumps(f.to_json(), allow_nan=False)
+        assert Freshness.from_json(json.loads(text)) == f
+    assert fresh([("cache-control", "max-age=10, must-revalidate")]).must_revalidate is True
+    assert fresh([("cache-control", "max-age=10")]).must_revalidate is False
+    older = fresh([("cache-control", "max-age=10")]).to_json()
+    del older["must_revalidate"]
+    assert Freshness.from_json(older).must_revalidate is False
+
+
+def test_any_content_length_a_server_can_send_is_read() -> None:
+    """Up to 18 digits (every length below 10**18 fits a signed 64-bit integer): a body
+    declared larger than the store takes is not even buffered."""
+    from seawall.cache.fallback import FallbackCache
+    from seawall.cache.freshness import content_length
+    from seawall.cache.keys import RequestInfo
+
+    huge = "9" * 18
+    assert content_length([("Content-Length", f" {huge} ")]) == int(huge)
+    assert content_length([("content-length", "12")]) == 12
+    for hostile in ("1" * 19, "²", "-1", "1e3", ""):
+        assert content_length([("content-length", hostile)]) is None
+    cache = FallbackCache()
+    request = RequestInfo("GET", "https://r.test/v2/app/manifests/1")
+    assert cache.plan_recording(request, 200, [("content-length", huge)]) is None
+    assert cache.plan_recording(request, 200, [("content-length", "12")]) is not None

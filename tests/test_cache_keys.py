@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import gc
+import re
+import tracemalloc
+import urllib.parse
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from seawall.cache import keys as keys_module
 from seawall.cache.fallback import FallbackCache
 from seawall.cache.keys import (
     EXTRACTORS,
@@ -28,6 +34,18 @@ from seawall.policy.cache import CachePolicy
 
 HEX = "a" * 64
 HEX2 = "0123456789abcdef" * 4
+
+
+@pytest.fixture(autouse=True)
+def _cold_memos() -> None:
+    """Every test here computes each URL, digest and header name afresh. The module
+    remembers them (a registry front-end sees the same request lines again and again), so
+    what earlier tests asked would otherwise be answered from the memo and the first
+    computation, the one that decides, would go unchecked. mutmut forks each mutant's
+    run from a process that has already run the whole selection: without this, no
+    mutant of URL normalization or of the credential-name rule was ever seen."""
+    for memo in (keys_module._URLS, keys_module._DIGESTS, keys_module._CREDENTIAL_NAMES):
+        memo.clear()
 
 
 def test_oci_extractor_matches_blobs_only() -> None:
@@ -246,3 +264,158 @@ def test_digest_path_segments(path: str, digest: str | None) -> None:
 
     assert path_digest(path, "") == digest
     assert oci_blob_digest("/v2/app/blobs/uploads/0b7a9c", "") is None  # an upload session
+
+
+# ---------------------------------------------------------------- what makes two requests one
+
+
+@pytest.mark.parametrize(
+    ("spelled", "normal"),
+    [
+        ("HTTP://Mirror.Test:80/simple/app/", "http://mirror.test/simple/app/"),
+        ("https://mirror.test:443/simple/app/", "https://mirror.test/simple/app/"),
+        ("https://mirror.test", "https://mirror.test/"),  # no path is the root
+        ("http://mirror.test:8080/simple/", "http://mirror.test:8080/simple/"),
+        ("http://mirror.test:443/simple/", "http://mirror.test:443/simple/"),  # https's port
+        ("https://mirror.test:80/simple/", "https://mirror.test:80/simple/"),  # http's port
+        ("http:///v2/app/manifests/1", "http:///v2/app/manifests/1"),  # empty Host: none made up
+    ],
+)
+def test_default_ports_and_an_empty_path_name_the_same_resource(spelled: str, normal: str) -> None:
+    spelled_key = request_key(RequestInfo("GET", spelled))
+    normal_key = request_key(RequestInfo("GET", normal))
+    assert spelled_key.url == normal_key.url == normal
+    assert spelled_key.base == normal_key.base
+    for other in ("http://mirror.test:8081/simple/", "https://mirror.test:8443/"):
+        assert request_key(RequestInfo("GET", other)).base != normal_key.base
+
+
+def test_a_port_that_is_not_the_default_is_another_server() -> None:
+    default = request_key(RequestInfo("GET", "http://mirror.test/simple/"))
+    for port in (443, 8080):
+        assert request_key(RequestInfo("GET", f"http://mirror.test:{port}/simple/")).base != (
+            default.base
+        )
+
+
+def test_request_key_defaults_are_the_default_cache_policys() -> None:
+    """Tooling that computes a key with the module function (to evict or inspect an entry)
+    finds what a FallbackCache with the default policy stored."""
+    for request in (
+        RequestInfo("GET", f"https://r.test/v2/app/blobs/sha256:{HEX}", [("authorization", "x")]),
+        RequestInfo("GET", "https://r.test/v2/app/manifests/1", [("accept", "a/b")]),
+    ):
+        assert request_key(request) == FallbackCache().key(request)
+
+
+def test_public_anonymous_and_credential_scopes() -> None:
+    with_token = RequestInfo("GET", "https://r.test/", [("authorization", "Bearer t")])
+    anonymous = RequestInfo("GET", "https://r.test/", [("accept", "a/b")])
+    assert credential_scope(with_token, public=True, namespace="n") == "public"
+    assert credential_scope(anonymous, public=True, namespace="n") == "public"
+    assert credential_scope(anonymous, public=False, namespace="n") == "anon"
+    assert credential_scope(with_token, public=False, namespace="n").startswith("cred:")
+
+
+def test_a_credential_header_outside_latin_1_still_scopes_the_key() -> None:
+    """A header a caller built by hand (not read off the wire) may hold any character:
+    the key is still computed, private, and the same each time, never an exception."""
+    url = "https://r.test/v2/app/manifests/1"
+    hand_made = RequestInfo("GET", url, [("x-token-€", "s€cret")])
+    key = request_key(hand_made)
+    assert key.scope.startswith("cred:") and "s€cret" not in key.scope
+    assert key == request_key(hand_made)
+    assert key.base != request_key(RequestInfo("GET", url)).base
+
+
+def test_no_extractor_selected_means_no_url_names_a_digest() -> None:
+    blob = f"https://r.test/v2/app/blobs/sha256:{HEX}"
+    assert extract_digest(f"/v2/app/blobs/sha256:{HEX}", "", ()) is None
+    key = request_key(RequestInfo("GET", blob), extractors=())
+    assert (key.digest, key.cacheable) == (None, True)  # stored like any metadata
+    manifest = "https://r.test/v2/app/manifests/1"
+    by_accept = {
+        request_key(RequestInfo("GET", manifest, [("accept", a)]), extractors=()).base
+        for a in ("application/vnd.oci.image.index.v1+json", "application/json")
+    }
+    assert len(by_accept) == 2  # a manifest is still chosen by Accept
+
+
+def test_a_plug_in_extractors_claim_is_checked_like_any_other() -> None:
+    def sloppy(path: str, fragment: str) -> str | None:
+        return path.rsplit("/", 1)[-1] if path.startswith("/sloppy/") else None
+
+    register_extractor("sloppy-test", sloppy)
+    try:
+        names = ["sloppy-test"]
+        assert extract_digest(f"/sloppy/sha256:{HEX}", "", names) == f"sha256:{HEX}"
+        assert extract_digest("/sloppy/sha256:abc", "", names) == UNVERIFIABLE  # too short
+        assert extract_digest(f"/sloppy/md5:{HEX[:32]}", "", names) == UNVERIFIABLE
+        assert extract_digest(f"/sloppy/SHA256:{HEX.upper()}", "", names) == UNVERIFIABLE
+        key = request_key(RequestInfo("GET", "https://r.test/sloppy/sha256:abc"), extractors=names)
+        assert (key.digest, key.cacheable) == (None, False)
+    finally:
+        del EXTRACTORS["sloppy-test"]
+
+
+def test_a_digest_the_cache_cannot_verify_is_no_digest() -> None:
+    """Never cached, and no digest to coalesce on or to answer 'already stored' with."""
+    key = request_key(RequestInfo("GET", f"https://r.test/v2/app/blobs/sha256:{HEX[:10]}"))
+    assert (key.digest, key.cacheable) == (None, False)
+
+
+def test_the_upload_endpoint_names_no_digest() -> None:
+    assert oci_blob_digest("/v2/app/blobs/uploads", "") is None
+    key = request_key(RequestInfo("GET", "https://r.test/v2/app/blobs/uploads"))
+    assert (key.digest, key.cacheable) == (None, True)
+
+
+def test_a_url_that_does_not_parse_gets_a_key_that_is_never_cached() -> None:
+    hostile = "http://[/v2/app/manifests/1?token=s3cr3t"
+    key = request_key(RequestInfo("GET", hostile, [("authorization", "Bearer t")]))
+    assert (key.url, key.digest, key.cacheable) == ("(unparsable URL)", None, False)
+    assert re.fullmatch(r"[0-9a-f]{64}", key.base)  # still a store key, whatever the input
+    assert key.base != request_key(RequestInfo("GET", "http://[/other")).base
+
+
+def test_accept_is_left_to_vary_outside_manifests_and_absent_is_empty() -> None:
+    page = "https://pypi.test/simple/app/"
+    html = request_key(RequestInfo("GET", page, [("accept", "text/html")]))
+    json_ = request_key(
+        RequestInfo("GET", page, [("accept", "application/vnd.pypi.simple.v1+json")])
+    )
+    assert html.base == json_.base == request_key(RequestInfo("GET", page)).base
+    manifest = "https://r.test/v2/app/manifests/1"
+    absent = request_key(RequestInfo("GET", manifest))
+    empty = request_key(RequestInfo("GET", manifest, [("accept", "")]))
+    assert absent.base == empty.base  # as for a Vary header: absent = empty
+    assert absent.base != request_key(RequestInfo("GET", manifest, [("accept", "a/b")])).base
+
+
+def test_vary_values_are_normalized_lists() -> None:
+    url = "https://pypi.test/simple/app/"
+    spread = RequestInfo(
+        "GET", url, [("accept", " text/html ,application/json"), ("accept", "a/b")]
+    )
+    packed = RequestInfo("GET", url, [("accept", "a/b,application/json,text/html")])
+    assert vary_values(spread, ["accept"]) == {"accept": "a/b,application/json,text/html"}
+    assert vary_values(spread, ["accept"]) == vary_values(packed, ["accept"])
+
+
+def test_long_urls_are_keyed_without_being_remembered() -> None:
+    """The memos keep short request lines only: a flood of long distinct URLs (file links
+    with a digest fragment and padding) costs a computation each, not memory."""
+    urllib.parse.clear_cache()  # the standard library's own (128 URLs) is not this bound
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(40):
+            url = f"https://files.test/app-{i}.whl#sha256={HEX}&pad=" + "x" * 50_000
+            assert request_key(RequestInfo("GET", url)).digest == f"sha256:{HEX}"
+        urllib.parse.clear_cache()
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept < 500_000  # 40 URLs of 50 kB: 2 MB if they were kept
