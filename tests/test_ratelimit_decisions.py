@@ -312,12 +312,19 @@ def test_warnings_count_every_failure_they_held_back(
     assert limiter.storage_failures == 5
 
 
+@pytest.mark.parametrize(
+    ("error", "said"),
+    [
+        (TimeoutError(), "TimeoutError: no answer within storage_timeout (0.2 s)"),
+        (ConnectionError("refused"), "ConnectionError: refused"),
+    ],
+)
 @pytest.mark.parametrize("mode", ["open", "closed"])
-async def test_a_store_that_times_out_is_a_failure_decided_by_the_policy(
-    limits_on_our_clock: ManualClock, mode: str
+async def test_a_store_that_fails_or_times_out_is_decided_by_the_policy(
+    limits_on_our_clock: ManualClock, mode: str, error: Exception, said: str
 ) -> None:
-    """A store answering TimeoutError (its own socket timeout) is a failure of the store:
-    the policy decides with in-process limits on the driven clock, events carry the
+    """A store that refuses, or answers TimeoutError (its own socket timeout), fails: the
+    policy decides with in-process limits on the driven clock, events carry the
     request's cost, and repeated timeouts open the store's breaker (the limiter's bus
     hears it). A store failing at once is no slow call."""
     clock = limits_on_our_clock
@@ -338,7 +345,7 @@ async def test_a_store_that_times_out_is_a_failure_decided_by_the_policy(
         RateLimitAdmitted(at=clock.now(), rule="shared", key="ip:1", cost=1, remaining=1)
     ]
     assert (ok.admitted, ok.remaining) == (True, 1)
-    store.error = TimeoutError()
+    store.error = error
     seen.clear()
     down = [await limiter.hit(("ip:1",), cost=1) for _ in range(2)]
     breaker = limiter.storage_breaker
@@ -346,7 +353,7 @@ async def test_a_store_that_times_out_is_a_failure_decided_by_the_policy(
     assert breaker.state is BreakerState.OPEN
     failed = RateLimitStorageFailed(
         at=clock.now(),
-        error="TimeoutError: no answer within storage_timeout (0.2 s)",
+        error=said,
         fail_open=mode == "open",
     )
     opened = [e for e in seen if isinstance(e, BreakerStateChanged)]
@@ -409,3 +416,60 @@ async def test_a_store_that_never_answers_costs_at_most_storage_timeout(
     assert (decision.admitted, decision.storage_failed, decision.known) == (False, True, False)
     failed = [e for e in seen if isinstance(e, RateLimitStorageFailed)]
     assert [e.error for e in failed] == ["TimeoutError: no answer within storage_timeout (0.01 s)"]
+
+
+@pytest.mark.parametrize("mode", ["open", "closed"])
+async def test_a_burst_waits_a_bounded_time_for_a_redis_connection_then_the_policy_decides(
+    clock: ManualClock, mode: str
+) -> None:
+    """Every connection busy: a request queues at most 4 storage timeouts, then is decided
+    by the policy. The wait says nothing about Redis (this process may be busy): the
+    store's breaker is not told. No Redis is needed: nothing ever connects."""
+    bus, seen = _recorder()
+    policy = RateLimitPolicy(
+        limit="3/minute",
+        storage="redis://127.0.0.1:1/0",
+        storage_timeout=0.005,
+        on_storage_error=mode,
+        closed_retry_after=2.5,
+    )
+    limiter = RateLimiter(policy, clock=clock, events=bus)
+    slots = limiter.storage.slots  # type: ignore[union-attr]
+    while not slots.locked():  # a burst holds every connection
+        await slots.acquire()
+    async with asyncio.timeout(2.0):  # a request that queued for ever fails here
+        decision = await limiter.hit(("ip:1",), cost=2)
+    failed = RateLimitStorageFailed(
+        at=clock.now(),
+        error="TimeoutError: no free Redis connection within 0.02 s",
+        fail_open=mode == "open",
+    )
+    if mode == "open":  # in-process limits decide, at the request's cost
+        assert _whole(decision) == (True, "default", 3, 60, 1, 60.0, 0.0, True, True)
+        admitted = RateLimitAdmitted(
+            at=clock.now(), rule="default", key="ip:1", cost=2, remaining=1
+        )
+        assert seen == [failed, admitted]
+    else:
+        assert decision == Decision(False, "default", 3, 60, 0, 2.5, 2.5, False, True)
+        assert seen == [failed]
+    breaker = limiter.storage_breaker
+    assert breaker is not None
+    assert (breaker.in_flight, breaker.rates()) == (0, (0, 0.0, 0.0))
+    assert limiter.storage_failures == 1
+    await limiter.aclose()
+
+
+async def test_in_process_limits_are_bounded_by_max_tracked_keys(
+    limits_on_our_clock: ManualClock,
+) -> None:
+    """While the shared store is down, a flood of distinct clients cannot grow the process:
+    once the in-process table is full of limited clients, newcomers share one counter."""
+    clock = limits_on_our_clock
+    policy = RateLimitPolicy(limit="1/minute", max_tracked_keys=2)
+    store = _DownStore()
+    store.error = ConnectionError("store is down")
+    limiter = RateLimiter(policy, storage=store, clock=clock, events=EventBus())
+    got = [await limiter.hit((f"ip:{i}",)) for i in range(4)]
+    assert all(d.storage_failed for d in got)
+    assert [d.admitted for d in got] == [True, True, True, False]
