@@ -473,3 +473,23 @@ async def test_in_process_limits_are_bounded_by_max_tracked_keys(
     got = [await limiter.hit((f"ip:{i}",)) for i in range(4)]
     assert all(d.storage_failed for d in got)
     assert [d.admitted for d in got] == [True, True, True, False]
+
+
+async def test_seawalls_counters_in_a_callers_limits_store_stay_apart_from_its_own(
+    limits_on_our_clock: ManualClock,
+) -> None:
+    """An app that also counts its own ``limits`` in the store it gave seawall (limits'
+    default namespace) shares no counter with seawall, even for the same name and key."""
+    from limits import parse
+    from limits.aio.strategies import MovingWindowRateLimiter
+
+    clock = limits_on_our_clock
+    store = LimitsAsyncMemory()
+    own = MovingWindowRateLimiter(store)
+    item = parse("2/minute")
+    assert [await own.hit(item, "default", "ip:1") for _ in range(3)] == [True, True, False]
+    limiter = RateLimiter(
+        RateLimitPolicy(limit="2/minute"), storage=store, clock=clock, events=EventBus()
+    )
+    got = [await limiter.hit(("ip:1",)) for _ in range(3)]
+    assert [(d.admitted, d.remaining) for d in got] == [(True, 1), (True, 0), (False, 0)]
