@@ -472,7 +472,9 @@ class ConcurrencyLimiter:
         if self._queued == 0:
             self._spare(now)
         limit = self.limit
-        if self._queued == 0 and self._in_flight < self.admit_limit(priority, now, limit):
+        # whoever still waits after the dispatch above is held back by its class's admission
+        # limit: only a higher class, whose limit is higher, can have room; it goes now
+        if self._in_flight < self.admit_limit(priority, now, limit):
             self._in_flight += 1
             if self._in_flight >= limit:
                 self._free_since = None
