@@ -130,9 +130,11 @@ def test_slow_start_ends_at_max_limit() -> None:
     assert f.c.limit == 6
 
 
-def test_a_flat_window_with_a_queue_returns_to_slow_start() -> None:
-    """Demand waits and the app shows no queue of its own: the limit doubles again."""
-    f = avoidance(10)
+@pytest.mark.parametrize("tolerance", [1.5, 1.0])
+def test_a_flat_window_with_a_queue_returns_to_slow_start(tolerance: float) -> None:
+    """Demand waits and the app shows no queue of its own: the limit doubles again. With
+    the least tolerance, 1, latency equal to the baseline is still flat (the band's edge)."""
+    f = avoidance(10, tolerance=tolerance)
     f.window(B, 10, saturated=10, queued=10)
     assert f.c.slow_start is True and f.c.limit == 10
     f.sample(B, saturated=True, queued=True, in_flight=10)
@@ -193,7 +195,7 @@ def test_a_window_of_zero_latency_moves_nothing() -> None:
     f = avoidance(10, limit=20)
     f.window(0.0, 20, saturated=20)
     f.window(-0.5, 20, saturated=20)  # a negative sample counts as 0
-    assert f.c.limit == 20 and 0 < f.baseline < B  # a lower window lowers the baseline
+    assert f.c.limit == 20
 
 
 # -- the baseline ----------------------------------------------------------------------
