@@ -28,6 +28,7 @@ from seawall.shed import (
     GradientController,
     Rejection,
     RequestShed,
+    StepTracker,
     Waiter,
 )
 
@@ -880,3 +881,369 @@ def test_declaring_overload_cuts_the_queue_to_what_drains_oldest_lowest_first(
     assert [w.pending for w in low] == [False, False, True]
     assert all(w.pending for w in high)
     assert low[0].result == Rejection("expired", 10, 1.0)
+
+
+# -- overload at exact times: when it is declared, what it keeps, when it ends ------------
+
+TWO_CLASSES = (RequestClass("hi", priority=30), RequestClass("lo", priority=10))
+EXACT = ShedPolicy(
+    adaptive=False,
+    initial_limit=4,
+    min_limit=1,
+    classes=TWO_CLASSES,
+    default_priority=20,
+    continuation_priority=30,
+    queue_target=0.125,
+    queue_interval=0.25,
+    overload_after=0.5,
+    max_queue_length=16,
+)
+"""Four slots; the admission limits under overload are 2, 3 and 4 for the classes 10, 20
+and 30 (10% of 4 rounds to 0: one slot per class above). Times are binary fractions, so
+every boundary below is met exactly."""
+
+
+def _overloaded(
+    clock: ManualClock, *, measured: bool = True, events: EventBus | None = None
+) -> tuple[ConcurrencyLimiter, list[ConcurrencySlot], Waiter]:
+    """Four slots held (class 30), one waiter of class 30, the queue declared overloaded
+    at the clock's now. ``measured``: one slot was held 0.25 s and released with its
+    latency, so 16 drain per second and the overloaded queue keeps 16 x 0.25 x 0.5 = 2."""
+    lim = ConcurrencyLimiter(EXACT, clock=clock, events=events)
+    held = [lim.try_acquire(30) for _ in range(4)]
+    clock.advance(0.25)
+    first = held.pop(0)
+    assert isinstance(first, ConcurrencySlot)
+    lim.release(first, latency=0.25 if measured else None)
+    held.append(lim.try_acquire(30))
+    slots = [h for h in held if isinstance(h, ConcurrencySlot)]
+    assert len(slots) == 4
+    waiter = lim.try_acquire(30)
+    assert isinstance(waiter, Waiter)
+    clock.advance(0.25)  # the oldest wait passed the target: standing, not overload
+    lim.expire()
+    assert lim.standing and not lim.overloaded
+    clock.advance(0.25)  # stood for half of overload_after
+    lim.expire()
+    assert not lim.overloaded
+    clock.advance(0.25)  # stood for overload_after exactly: overload
+    lim.expire()
+    assert lim.overloaded
+    assert [lim.admit_limit(p) for p in (10, 20, 30)] == [2, 3, 4]
+    return lim, slots, waiter
+
+
+def test_overload_is_declared_when_the_queue_has_stood_for_overload_after(
+    clock: ManualClock,
+) -> None:
+    lim, _, waiter = _overloaded(clock)
+    assert lim.capacity() == 2  # what the drain rate serves in half the interval
+    assert waiter.pending and waiter.deadline == clock.now() + EXACT.queue_interval
+
+
+def test_overload_ends_once_nothing_was_refused_or_kept_waiting_for_overload_after(
+    clock: ManualClock,
+) -> None:
+    lim, slots, waiter = _overloaded(clock)
+    lim.cancel(waiter)
+    assert not lim.standing  # the queue emptied
+    clock.advance(0.25)
+    assert lim.overloaded is True
+    clock.advance(0.25)  # overload_after since the last pressure: over, at this instant
+    lim.release(slots.pop())
+    lim.release(slots.pop())
+    low = lim.try_acquire(10)  # the lowest class may use the whole limit again
+    assert isinstance(low, ConcurrencySlot) and low.priority == 10
+    assert lim.overloaded is False and not lim.standing
+    assert lim.admit_limit(10) == 4
+
+
+def test_under_overload_each_class_keeps_its_reserve_on_admission_and_dispatch(
+    clock: ManualClock,
+) -> None:
+    lim, slots, waiter = _overloaded(clock)
+    lim.release(slots.pop())  # handed to the waiter at once
+    assert isinstance(waiter.result, ConcurrencySlot) and waiter.result.priority == 30
+    slots.append(waiter.result)
+    lim.release(slots.pop())
+    lim.release(slots.pop())  # two in flight
+    low = lim.try_acquire(10)  # class 10 stops at 2 in flight: it waits
+    assert isinstance(low, Waiter) and lim.in_flight == 2
+    high = lim.try_acquire(30)  # ... while class 30's reserve is free: admitted at once
+    assert isinstance(high, ConcurrencySlot) and high.priority == 30
+    mid = lim.try_acquire(20)  # class 20 stops at 3 in flight
+    assert isinstance(mid, Waiter) and lim.in_flight == 3
+    lim.release(high)  # 2 in flight: room for class 20, not for class 10
+    assert isinstance(mid.result, ConcurrencySlot) and mid.result.priority == 20
+    assert low.pending and lim.in_flight == 3
+
+
+def test_a_higher_class_with_room_never_waits_behind_lower_classes_held_by_their_reserve(
+    clock: ManualClock,
+) -> None:
+    """Work conservation under overload (found by LimiterMachine with more examples): a
+    class-30 arrival found class-10 waiters that their reserve holds back and was queued
+    behind them, with its own slots free, until the next release."""
+    lim, slots, waiter = _overloaded(clock)
+    lim.cancel(waiter)
+    lim.release(slots.pop())
+    lim.release(slots.pop())
+    lows = [lim.try_acquire(10), lim.try_acquire(10)]
+    assert all(isinstance(w, Waiter) for w in lows) and lim.in_flight == 2
+    high = lim.try_acquire(30)
+    assert isinstance(high, ConcurrencySlot)
+    assert lim.in_flight == 3 and lim.queued == 2
+    assert lim.in_flight >= lim.admit_limit(10)
+
+
+def test_refusals_under_overload_are_events_at_their_time(clock: ManualClock) -> None:
+    bus, seen = recorder()
+    lim, _, waiter = _overloaded(clock, events=bus)
+    declared = clock.now()
+    second = lim.try_acquire(30)
+    assert isinstance(second, Waiter) and lim.queued == 2  # the buffer is full
+    low = lim.try_acquire(10)  # nobody below it to displace: refused at the door
+    assert isinstance(low, Rejection) and low.reason == "queue_full"
+    newest = lim.try_acquire(30)  # takes the place of the oldest of its own class
+    assert isinstance(newest, Waiter) and waiter.result == Rejection("displaced", 30, 1.0)
+    assert lim.overloaded  # a refusal is pressure
+    assert [e for e in seen if isinstance(e, RequestShed)] == [
+        RequestShed(at=declared, reason="queue_full", priority=10, retry_after=1.0),
+        RequestShed(at=declared, reason="displaced", priority=30, retry_after=1.0),
+    ]
+
+
+def test_waiters_past_their_overload_deadline_all_leave_the_queue(clock: ManualClock) -> None:
+    lim, _, waiter = _overloaded(clock)
+    other = lim.try_acquire(30)
+    assert isinstance(other, Waiter) and lim.queued == 2
+    clock.advance(0.375)  # past both deadlines
+    lim.expire()
+    assert waiter.result == Rejection("expired", 30, 1.0) == other.result
+    assert lim.queued == 0
+
+
+async def test_a_waiters_own_timer_expires_it_past_its_overload_deadline(
+    clock: ManualClock,
+) -> None:
+    """Its deadline passed while the loop was stalled (long enough for overload to end):
+    the waiter's timer still expires it; it was promised at most queue_interval."""
+    lim, _, waiter = _overloaded(clock)
+    clock.advance(1.0)
+    assert lim.overloaded is False
+    assert lim.wake_in(waiter) == 0.001
+    got = await asyncio.wait_for(lim.wait(waiter), 0.5)
+    assert got == Rejection("expired", 30, 1.0) and lim.queued == 0
+
+
+@pytest.mark.parametrize(("free_for", "still_overloaded"), [(0.125, True), (0.25, False)])
+def test_overload_ends_when_a_slot_stays_free_for_a_whole_hold_time(
+    clock: ManualClock, free_for: float, still_overloaded: bool
+) -> None:
+    """The hold time is 0.25 s (twice queue_target): a slot free for less is an arrival
+    not yet come; free for all of it, the server caught up."""
+    lim, slots, waiter = _overloaded(clock)
+    lim.cancel(waiter)
+    lim.release(slots.pop())  # free from now on
+    clock.advance(0.125)
+    lim.release(slots.pop())  # a second free slot does not restart the count
+    clock.advance(free_for - 0.125)
+    arrival = lim.try_acquire(30)
+    assert isinstance(arrival, ConcurrencySlot)
+    assert lim.overloaded is still_overloaded
+    assert not lim.standing
+
+
+def test_without_a_measured_hold_time_overload_keeps_no_buffer(clock: ManualClock) -> None:
+    """Nothing says how fast the queue drains: the cut keeps nobody, arrivals are refused
+    at the door, and a slot free for queue_target (the least hold time) ends it."""
+    lim, slots, waiter = _overloaded(clock, measured=False)
+    assert lim.drain_rate() is None and lim.capacity() == 0
+    assert waiter.result == Rejection("expired", 30, 1.0)
+    refused = lim.try_acquire(30)
+    assert isinstance(refused, Rejection) and refused.reason == "queue_full"
+    lim.release(slots.pop())
+    clock.advance(EXACT.queue_target)
+    assert isinstance(lim.try_acquire(30), ConcurrencySlot)
+    assert lim.overloaded is False
+
+
+@pytest.mark.parametrize("way", ["handed to a waiter", "taken by an arrival", "above the limit"])
+def test_a_slot_that_was_never_free_does_not_end_overload(clock: ManualClock, way: str) -> None:
+    lim, slots, waiter = _overloaded(clock)
+    if way == "handed to a waiter":
+        lim.release(slots.pop())  # the waiter takes it in the same instant
+        assert isinstance(waiter.result, ConcurrencySlot)
+    else:
+        lim.cancel(waiter)
+        if way == "taken by an arrival":
+            lim.release(slots.pop())
+            assert isinstance(lim.try_acquire(30), ConcurrencySlot)
+        else:  # work of an admitted request ran above the limit, then ended
+            lim.release(lim.acquire_now(30))
+    assert lim.in_flight == 4
+    clock.advance(0.375)  # longer than a hold time, shorter than overload_after
+    assert isinstance(lim.try_acquire(30), Waiter)
+    assert lim.overloaded
+
+
+def test_a_standing_queue_is_judged_by_its_oldest_wait(clock: ManualClock) -> None:
+    lim = ConcurrencyLimiter(EXACT.replace(initial_limit=1), clock=clock)
+    held = lim.try_acquire()
+    old, new = lim.try_acquire(), lim.try_acquire()
+    assert isinstance(held, ConcurrencySlot)
+    assert isinstance(old, Waiter) and isinstance(new, Waiter)
+    clock.advance(0.0625)  # below the target: not standing
+    lim.expire()
+    assert not lim.standing
+    clock.advance(0.125)
+    lim.expire()
+    assert lim.standing
+    lim.cancel(new)  # the oldest still waits above the target
+    assert lim.standing
+    lim.cancel(old)  # empty: not standing
+    assert not lim.standing
+
+
+async def test_acquire_queues_at_the_priority_asked_for(clock: ManualClock) -> None:
+    lim = ConcurrencyLimiter(STATIC.replace(initial_limit=1), clock=clock)
+    held = lim.try_acquire(7)
+    assert isinstance(held, ConcurrencySlot) and held.priority == 7
+    waiting = lim.try_acquire(25)
+    task = asyncio.ensure_future(lim.acquire(30))
+    await asyncio.sleep(0)
+    assert lim.queued == 2
+    lim.release(held)  # the higher class goes first
+    assert isinstance(waiting, Waiter) and waiting.pending
+    got = await asyncio.wait_for(task, 0.5)
+    assert isinstance(got, ConcurrencySlot) and got.priority == 30
+
+
+def test_a_limiter_without_a_policy_takes_the_defaults(clock: ManualClock) -> None:
+    lim = ConcurrencyLimiter(clock=clock)
+    assert lim.policy == ShedPolicy()
+    assert lim.limit == ShedPolicy().initial_limit and lim.controller is not None
+
+
+@pytest.mark.parametrize(
+    ("limit", "classes", "reserve", "expected"),
+    [
+        # a never_shed class (never counted) keeps no reserve; every other class does
+        (
+            40,
+            (
+                RequestClass("health", priority=100, never_shed=True),
+                RequestClass("top", priority=45),
+                RequestClass("hi", priority=40),
+                RequestClass("lo", priority=10),
+            ),
+            0.1,
+            {45: 40, 40: 36, 30: 32, 20: 28, 10: 24},
+        ),
+        # 10% of 5 rounds to nothing: each class above still keeps one slot
+        (5, TWO_CLASSES, 0.1, {30: 5, 20: 4, 10: 3}),
+        # reserves that do not fit: a lower class still has one slot, never the whole limit
+        (2, TWO_CLASSES, 0.1, {30: 2, 20: 1, 10: 1}),
+        # no reserve: every class may use the whole limit, overloaded or not
+        (5, TWO_CLASSES, 0.0, {30: 5, 20: 5, 10: 5}),
+    ],
+)
+def test_priority_reserve_under_overload(
+    clock: ManualClock,
+    limit: int,
+    classes: tuple[RequestClass, ...],
+    reserve: float,
+    expected: dict[int, int],
+) -> None:
+    policy = ShedPolicy(
+        adaptive=False,
+        initial_limit=limit,
+        min_limit=1,
+        overload_after=0.3,
+        classes=classes,
+        default_priority=20,
+        continuation_priority=30,
+        priority_reserve=reserve,
+    )
+    lim = ConcurrencyLimiter(policy, clock=clock)
+    _overload(lim, clock, limit)
+    assert lim.overloaded
+    assert {p: lim.admit_limit(p) for p in expected} == expected
+
+
+def test_limit_changes_are_events_at_their_time(clock: ManualClock) -> None:
+    bus, seen = recorder()
+    lim = ConcurrencyLimiter(ShedPolicy(initial_limit=2, min_limit=1), clock=clock, events=bus)
+    slots = [lim.try_acquire(), lim.try_acquire()]
+    clock.advance(0.0625)
+    first = slots[0]
+    assert isinstance(first, ConcurrencySlot)
+    lim.release(first, latency=0.0625)  # at the limit, flat: slow start adds one
+    assert seen == [ConcurrencyLimitChanged(at=clock.now(), old=2, new=3)]
+
+
+def _adaptive_past_slow_start(clock: ManualClock) -> ConcurrencyLimiter:
+    """An adaptive limit of 2 whose first window (2 samples) did not use it: slow start
+    is over, the baseline is 0.0625 s."""
+    policy = EXACT.replace(adaptive=True, initial_limit=2, max_limit=50, window_samples=2)
+    lim = ConcurrencyLimiter(policy, clock=clock)
+    for _ in range(2):
+        slot = lim.try_acquire(30)
+        assert isinstance(slot, ConcurrencySlot)
+        clock.advance(0.0625)
+        lim.release(slot, latency=0.0625)
+    controller = lim.controller
+    assert controller is not None and controller.slow_start is False
+    assert controller.baseline == 0.0625 and lim.limit == 2
+    return lim
+
+
+def test_a_queue_behind_a_flat_latency_returns_the_limit_to_slow_start(
+    clock: ManualClock,
+) -> None:
+    lim = _adaptive_past_slow_start(clock)
+    held = [lim.try_acquire(30), lim.try_acquire(30)]
+    waiters = [lim.try_acquire(30), lim.try_acquire(30)]
+    assert all(isinstance(w, Waiter) for w in waiters)
+    clock.advance(0.0625)
+    for slot in held:  # a window of two samples, both with requests waiting
+        assert isinstance(slot, ConcurrencySlot)
+        lim.release(slot, latency=0.0625)
+    controller = lim.controller
+    assert controller is not None and controller.slow_start is True
+
+
+def test_a_standing_queue_is_overload_only_once_the_limit_cannot_grow(
+    clock: ManualClock,
+) -> None:
+    growing = ConcurrencyLimiter(EXACT.replace(adaptive=True, initial_limit=2), clock=clock)
+    settled = _adaptive_past_slow_start(clock)
+    for lim in (growing, settled):
+        for _ in range(2):
+            assert isinstance(lim.try_acquire(30), ConcurrencySlot)
+        assert isinstance(lim.try_acquire(30), Waiter)
+    for _ in range(4):
+        clock.advance(0.25)
+        growing.expire()
+        settled.expire()
+    assert settled.overloaded
+    assert growing.standing and not growing.overloaded  # slow start: the limit's queue
+
+
+def test_step_tracker_keeps_exactly_capacity_keys_for_exactly_idle_seconds() -> None:
+    tracker = StepTracker(idle=10.0, capacity=3)
+    for i, key in enumerate("abc"):
+        tracker.admitted(key, 1000.0 + i)
+    assert len(tracker) == 3 and all(tracker.started(k, 1002.0) for k in "abc")
+    tracker.admitted("d", 1003.0)  # the least recently admitted makes room
+    assert len(tracker) == 3 and not tracker.started("a", 1003.0)
+    assert all(tracker.started(k, 1003.0) for k in "bcd")
+    roomy = StepTracker(idle=10.0, capacity=5)
+    roomy.admitted("a", 1000.0)
+    roomy.admitted("b", 1010.0)  # "a" is exactly idle seconds old: still started
+    assert roomy.started("a", 1010.0) and len(roomy) == 2
+    assert not roomy.started("a", 1010.5)
+    one = StepTracker(idle=10.0, capacity=1)
+    one.admitted("x", 1000.0)
+    one.admitted("y", 1001.0)
+    assert one.started("y", 1001.0) and not one.started("x", 1001.0) and len(one) == 1

@@ -488,7 +488,9 @@ class ConcurrencyLimiter:
             self._spare(now)
         controller = self._controller
         limit = self.policy.initial_limit if controller is None else int(controller._limit)
-        if self._queued == 0 and self._in_flight < self.admit_limit(priority, now, limit):
+        # whoever still waits after the dispatch above is held back by its class's admission
+        # limit: only a higher class, whose limit is higher, can have room; it goes now
+        if self._in_flight < self.admit_limit(priority, now, limit):
             self._in_flight += 1
             if self._in_flight >= limit:
                 self._free_since = None
