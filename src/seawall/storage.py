@@ -30,7 +30,7 @@ import itertools
 from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from math import floor, inf
+from math import floor, inf, nextafter
 from typing import Any
 
 from limits.aio.storage import MovingWindowSupport, SlidingWindowCounterSupport, Storage
@@ -305,7 +305,8 @@ class BoundedMemoryStorage(Storage, MovingWindowSupport, SlidingWindowCounterSup
             events.append(now)
         else:
             events.extend(itertools.repeat(now, amount))
-        rec.expires = now + expiry
+        # The entry still counts at exactly now + expiry: the record expires just after.
+        rec.expires = nextafter(now + expiry, inf)
         n = len(events)
         if n * 4 >= limit:
             self._retier(key, rec, n, limit)
