@@ -160,8 +160,8 @@ class BoundedMemoryStorage(Storage, MovingWindowSupport, SlidingWindowCounterSup
 
     def _resolve(self, key: str, limit: int, expiry: float, now: float) -> str:
         """``key``, or when it is new and the table is full, its rate's overflow key."""
-        if key in self._records or not self._full(now):
-            return key
+        if key in self._records or not self._full(now) or key.startswith(_OVERFLOW_PREFIX):
+            return key  # (an overflow key, resolved once already by decide: count it once)
         self.overflowed += 1
         return f"{_OVERFLOW_PREFIX}{limit}/{expiry:g}"
 
