@@ -851,6 +851,8 @@ def test_sliding_window_records_are_bounded_and_last_two_windows(clock: ManualCl
     clock.advance(2)
     assert storage.decide(sliding, ["a"], [2], [4.0])[0]
     assert (len(storage), storage.evicted) == (2, 1)
+    assert storage.decide(sliding, ["b"], [2], [4.0])[0]
+    assert (len(storage), storage.evicted) == (2, 2)
     clock.advance(8)  # two windows after the first hit of a's record: every record is done
     for key in "xy":
         assert storage.decide(sliding, [key], [2], [4.0], 2)[0]
@@ -917,5 +919,42 @@ async def test_storage_from_uri_schemes_and_defaults() -> None:
     assert shared.clock is None  # the system clock: Redis's own time
     assert shared.client.connection_pool.timeout == default.storage_timeout  # type: ignore[attr-defined]
     await shared.client.aclose()
-    with pytest.raises(ValueError, match="max_keys must be at least 1"):
+    with pytest.raises(ValueError, match=r"^max_keys must be at least 1$"):
         BoundedMemoryStorage(max_keys=0)
+
+
+def test_a_redis_uri_without_the_redis_extra_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "redis", None)  # `import redis` raises ImportError
+    with pytest.raises(ValueError, match=r"needs the redis extra: pip install 'seawall\[redis\]'"):
+        storage_from_uri("redis://localhost:6380/0")
+    assert isinstance(storage_from_uri("memory://"), BoundedMemoryStorage)
+
+
+async def test_limits_sliding_window_weighs_the_previous_window_by_what_is_left_of_it(
+    clock: ManualClock,
+) -> None:
+    storage = BoundedMemoryStorage(clock=clock)
+    sliding = SlidingWindowCounterRateLimiter(storage)
+    item = parse("4/4 seconds")
+    assert [await sliding.hit(item, "k") for _ in range(5)] == [True] * 4 + [False]
+    clock.advance(6)  # half of the next window: the previous 4 weigh 2
+    assert [await sliding.hit(item, "k") for _ in range(3)] == [True, True, False]
+
+
+async def test_limits_fixed_window_ends_exactly_at_its_start_plus_its_length(
+    clock: ManualClock,
+) -> None:
+    storage = BoundedMemoryStorage(clock=clock)
+    fixed = FixedWindowRateLimiter(storage)
+    item = parse("2/minute")
+    assert await fixed.hit(item, "k", cost=2)
+    stats = await fixed.get_window_stats(item, "k")
+    assert (stats.remaining, stats.reset_time) == (0, clock.wall() + 60)
+    clock.advance(60)
+    stats = await fixed.get_window_stats(item, "k")
+    assert (stats.remaining, stats.reset_time) == (2, clock.wall())
+    assert await fixed.hit(item, "k", cost=2)

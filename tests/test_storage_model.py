@@ -33,7 +33,7 @@ from limits.aio.strategies import (
 )
 
 from seawall.clock import ManualClock
-from seawall.storage import BoundedMemoryStorage
+from seawall.storage import BoundedMemoryStorage, gcra
 
 F = Fraction
 QUARTER = F(1, 4)
@@ -135,11 +135,16 @@ class Reference:
         return True, -1, [hit(key, limits[i], windows[i], cost, now) for i, key in enumerate(keys)]
 
 
+def approx(x: float) -> Any:
+    """Equal to a microsecond: epoch seconds are near 1.7e9, so no relative tolerance."""
+    return pytest.approx(x, rel=0, abs=1e-6)
+
+
 def _same(got: tuple[bool, int, list[Any]], want: tuple[bool, int, list[Any]]) -> bool:
     if got[:2] != want[:2] or len(got[2]) != len(want[2]):
         return False
     return all(
-        g[0] == w[0] and (w[1] is None or g[1] == pytest.approx(float(w[1]), abs=1e-6))
+        g[0] == w[0] and (w[1] is None or g[1] == approx(float(w[1])))
         for g, w in zip(got[2], want[2], strict=True)
     )
 
@@ -273,7 +278,7 @@ def test_limits_strategies_answer_the_same_on_both_storages(
                     got = await a.test(item, who, cost=cost), await b.test(item, who, cost=cost)
                 elif op == "stats":
                     x, y = await a.get_window_stats(item, who), await b.get_window_stats(item, who)
-                    got = (x.remaining, x.reset_time), (y.remaining, pytest.approx(y.reset_time))
+                    got = (x.remaining, x.reset_time), (y.remaining, approx(y.reset_time))
                 else:
                     await a.clear(item, who)
                     await b.clear(item, who)
@@ -291,3 +296,27 @@ def test_limits_strategies_answer_the_same_on_both_storages(
         asyncio.run(run())
     finally:
         limits_memory.time, limits_strategies.time = saved
+
+
+@settings(max_examples=60, deadline=None, phases=PHASES)
+@given(
+    limit=st.sampled_from([1, 2, 4, 8]),
+    window=st.sampled_from([1, 2, 4, 8]),
+    empty_eighths=st.integers(0, 64),
+    cost=st.integers(1, 9),
+)
+def test_the_gcra_test_answers_like_a_bucket_of_tokens(
+    limit: int, window: int, empty_eighths: int, cost: int
+) -> None:
+    """``gcra`` (the token bucket's test): admitted -> the tokens left after this request
+    and the time until the bucket is full again; refused -> the tokens there are and the
+    wait until ``cost`` are."""
+    now = 1_700_000_000.0
+    empty = min(F(empty_eighths, 8), F(window))  # how far from full, in seconds of refill
+    tokens = (window - empty) * F(limit, window)
+    ok, left, wait = gcra(now + float(empty), now, limit, float(window), cost)
+    assert ok is (tokens >= cost)
+    if ok:
+        assert (left, wait) == (floor(tokens - cost), approx(empty + cost * F(window, limit)))
+    else:
+        assert (left, wait) == (floor(tokens), approx((cost - tokens) * F(window, limit)))
