@@ -708,3 +708,253 @@ async def test_one_rate_decides_whole_to_the_last_half_second(
     assert refused == Decision(False, "default", 3, 60, 1, 0.5, 0.5)
     clock.advance(0.51)
     assert (await limiter.hit(("ip:1",), cost=3)).admitted  # the first two have left
+
+
+# ------------------------------------------------- edges of the bounded table and its windows
+
+
+def test_a_cost_above_the_limit_is_refused_and_still_reads_the_window(clock: ManualClock) -> None:
+    limiter = RateLimiter(RateLimitPolicy(limit="3/minute"), clock=clock, events=EventBus())
+    # a fresh client: nothing counted, the whole window ahead
+    assert limiter.hit_now(("ip:1",), cost=4) == Decision(False, "default", 3, 60, 3, 60.0, 60.0)
+    assert limiter.hit_now(("ip:1",)).admitted
+    clock.advance(10)
+    assert limiter.hit_now(("ip:1",), cost=4) == Decision(False, "default", 3, 60, 2, 50.0, 50.0)
+    clock.advance(61)  # its entry left the window: the record is there, empty
+    assert limiter.hit_now(("ip:1",), cost=4) == Decision(False, "default", 3, 60, 3, 60.0, 60.0)
+    assert limiter.hit_now(("ip:1",), cost=3).admitted
+
+
+def test_an_entry_exactly_one_window_old_still_counts_whatever_else_arrives(
+    clock: ManualClock,
+) -> None:
+    """An entry counts while ``now - window <= t``: at that very instant a newcomer's
+    reclaim and a sweep must not forget it (they did: the record expired at t + window)."""
+    storage = BoundedMemoryStorage(clock=clock)
+    assert storage.acquire_moving("a", 1, 1.0)[0]
+    clock.advance(1.0)
+    assert storage.acquire_moving("b", 1, 1.0)[0]  # a new key reclaims what has expired
+    assert storage.sweep() == 0
+    assert not storage.acquire_moving("a", 1, 1.0)[0]
+    assert storage.decide("moving-window", ["a"], [1], [1.0]) == (False, 0, [(0, 0.0)])
+    clock.advance(0.25)
+    assert storage.acquire_moving("a", 1, 1.0)[0]
+
+
+def test_a_fixed_window_ends_exactly_at_its_start_plus_its_length(clock: ManualClock) -> None:
+    """At that instant the table's limited clients are expired: a newcomer reclaims one and
+    gets a counter of its own, and a sweep drops the rest."""
+    storage = BoundedMemoryStorage(clock=clock, max_keys=3)
+    for key in "abc":
+        assert storage.decide("fixed-window", [key], [2], [60.0], 2)[0]  # each at its limit
+    clock.advance(60)
+    assert storage.decide("fixed-window", ["new"], [2], [60.0], 2) == (True, -1, [(0, 60.0)])
+    assert (storage.overflowed, storage.reclaimed, len(storage)) == (0, 3, 1)
+    assert storage.decide("fixed-window", ["a"], [2], [60.0], 2)[0]  # a new window for a too
+    clock.advance(60)
+    assert storage.sweep() == 2
+    assert (storage.reclaimed, len(storage)) == (5, 0)
+
+
+async def test_eviction_forgets_under_a_quarter_then_under_half_then_nothing(
+    clock: ManualClock,
+) -> None:
+    """The eviction order the class promises: least recently used under a quarter of its
+    limit first, then under half; exactly a quarter is not under a quarter, a third is
+    under half; half or more never goes before its window ends."""
+    storage = BoundedMemoryStorage(clock=clock, max_keys=3)
+
+    def hit(key: str, limit: int, cost: int = 1) -> None:
+        assert storage.decide("fixed-window", [key], [limit], [60.0], cost)[0]
+
+    hit("third", 6, 2)  # under half
+    hit("quarter", 4)  # exactly a quarter
+    hit("fifth", 5)  # under a quarter: the cheapest, though the most recent
+    hit("heavy", 2)  # half of 2
+    assert [await storage.get(k) for k in ("third", "quarter", "fifth", "heavy")] == [2, 1, 0, 1]
+    hit("heavier", 2)  # no light key left: the least recently used under half goes
+    assert [await storage.get(k) for k in ("third", "quarter", "heavy")] == [0, 1, 1]
+    hit("heaviest", 2)
+    assert [await storage.get(k) for k in ("quarter", "heavy", "heavier")] == [0, 1, 1]
+    assert storage.evicted == 3
+    hit("late", 2)  # only keys at half or more: the newcomer shares the overflow counter
+    assert (storage.evicted, storage.overflowed, len(storage)) == (3, 1, 3)
+    assert [await storage.get(k) for k in ("heavy", "heavier", "heaviest")] == [1, 1, 1]
+
+
+def test_a_moving_window_at_exactly_a_quarter_outlasts_a_lighter_newer_key(
+    clock: ManualClock,
+) -> None:
+    storage = BoundedMemoryStorage(clock=clock, max_keys=2)
+    assert storage.acquire_moving("quarter", 4, 60)[0]
+    assert storage.acquire_moving("eighth", 8, 60)[0]
+    assert storage.acquire_moving("new", 8, 60)[0]
+    assert storage.moving_window("quarter", 60)[1] == 1
+    assert storage.moving_window("eighth", 60)[1] == 0
+
+
+async def test_limits_counters_forget_one_hit_keys_first_and_overflow_when_all_are_heavier(
+    clock: ManualClock,
+) -> None:
+    """Through limits' own fixed window the storage does not know the limit: a key hit
+    once is the cheapest to forget, a key hit twice is kept until its window ends."""
+    storage = BoundedMemoryStorage(clock=clock, max_keys=2)
+    fixed = FixedWindowRateLimiter(storage)
+    item = parse("2/minute")
+    assert await fixed.hit(item, "one")
+    assert [await fixed.hit(item, "two") for _ in range(2)] == [True, True]
+    assert await fixed.hit(item, "three")  # "one" goes, though "two" is older
+    assert (await fixed.get_window_stats(item, "one")).remaining == 2
+    assert (await fixed.get_window_stats(item, "two")).remaining == 0
+    assert await fixed.hit(item, "four")  # "three" goes, "two" stays
+    assert (await fixed.get_window_stats(item, "three")).remaining == 2
+    assert not await fixed.hit(item, "two")
+    assert await fixed.hit(item, "four")  # now both held keys are at their limit...
+    newcomers = [await fixed.hit(item, f"new{i}") for i in range(3)]
+    assert newcomers == [True, True, False]  # ...so newcomers share one overflow counter
+    assert (storage.evicted, storage.overflowed, len(storage)) == (2, 3, 2)
+
+
+def test_newcomers_at_each_rate_get_that_rate_s_own_overflow_counter(clock: ManualClock) -> None:
+    """One overflow counter per rate: a rate's newcomers are not refused because another
+    rate of the same window filled its own."""
+    for strategy in ("fixed-window", "moving-window"):
+        storage = BoundedMemoryStorage(clock=clock, max_keys=1)
+        assert storage.decide(strategy, ["held"], [1], [60.0])[0]  # at its limit
+        five = [storage.decide(strategy, [f"a{i}"], [5], [60.0])[0] for i in range(6)]
+        assert five == [True] * 5 + [False]
+        assert storage.decide(strategy, ["b"], [1], [60.0])[0]
+        assert not storage.decide(strategy, ["c"], [1], [60.0])[0]
+        assert storage.overflowed == 8
+    storage = BoundedMemoryStorage(clock=clock, max_keys=1)
+    assert storage.acquire_moving("held", 1, 60)[0]
+    assert [storage.acquire_moving(f"a{i}", 5, 60)[0] for i in range(6)] == [True] * 5 + [False]
+    assert storage.acquire_moving("b", 1, 60)[0]
+    assert not storage.acquire_moving("c", 1, 60)[0]
+    assert storage.overflowed == 8
+
+
+def test_sliding_window_records_are_bounded_and_last_two_windows(clock: ManualClock) -> None:
+    """A sliding window needs this window's count and the previous one's: each record lasts
+    two windows from its first hit, then the table takes newcomers again; a tracked client
+    that enters a new window never grows the table past its bound."""
+    storage = BoundedMemoryStorage(clock=clock, max_keys=2)
+    sliding = "sliding-window-counter"
+    for key in "ab":
+        assert storage.decide(sliding, [key], [2], [4.0], 2)[0]  # at the limit: protected
+    assert not storage.decide(sliding, ["c"], [2], [4.0], 3)[0]
+    assert storage.decide(sliding, ["c"], [2], [4.0], 2)[0]  # the shared overflow counter
+    assert not storage.decide(sliding, ["d"], [2], [4.0])[0]
+    assert (storage.overflowed, len(storage)) == (3, 2)
+    clock.advance(4)  # a's previous window still weighs in; its new count needs a record
+    assert not storage.decide(sliding, ["a"], [2], [4.0])[0]
+    clock.advance(2)
+    assert storage.decide(sliding, ["a"], [2], [4.0])[0]
+    assert (len(storage), storage.evicted) == (2, 1)
+    assert storage.decide(sliding, ["b"], [2], [4.0])[0]
+    assert (len(storage), storage.evicted) == (2, 2)
+    clock.advance(8)  # two windows after the first hit of a's record: every record is done
+    for key in "xy":
+        assert storage.decide(sliding, [key], [2], [4.0], 2)[0]
+    assert (storage.overflowed, len(storage)) == (3, 2)
+
+
+async def test_limits_sliding_window_records_last_two_windows(clock: ManualClock) -> None:
+    storage = BoundedMemoryStorage(clock=clock, max_keys=2)
+    sliding = SlidingWindowCounterRateLimiter(storage)
+    item = parse("2/4 seconds")
+    for key in "ab":
+        assert [await sliding.hit(item, key) for _ in range(2)] == [True, True]
+    assert await sliding.hit(item, "c")
+    assert storage.overflowed == 1
+    clock.advance(8)  # two windows: both records are done, newcomers get their own
+    assert await sliding.hit(item, "d")
+    assert await sliding.hit(item, "d")
+    assert (storage.overflowed, len(storage)) == (1, 1)
+    await sliding.clear(item, "d")
+    assert len(storage) == 0
+
+
+async def test_the_limits_interface_counts_one_by_default(clock: ManualClock) -> None:
+    """limits' storage interface: ``amount`` is 1 unless given."""
+    storage = BoundedMemoryStorage(clock=clock)
+    assert await storage.incr("k", 60) == 1
+    assert await storage.get("k") == 1
+    assert await storage.acquire_entry("m", 1, 60)
+    assert await storage.acquire_sliding_window_entry("s", 1, 60)
+    await storage.clear("k")
+    assert await storage.get("k") == 0
+
+
+async def test_one_key_through_two_limits_strategies(clock: ManualClock) -> None:
+    """limits names a key by its rate, not its strategy: a fixed window's counter and a
+    moving window's entries under one key must not trip each other up."""
+    storage = BoundedMemoryStorage(clock=clock)
+    item = parse("2/minute")
+    assert await FixedWindowRateLimiter(storage).hit(item, "k")
+    assert await MovingWindowRateLimiter(storage).hit(item, "k")
+    assert (await MovingWindowRateLimiter(storage).get_window_stats(item, "k")).remaining == 1
+
+
+async def test_storage_from_uri_schemes_and_defaults() -> None:
+    """Every spelling the docstring lists, the caller's clock and timeout passed on, and
+    without arguments what the default policy builds."""
+    from seawall.redis_storage import RedisLimitStorage
+
+    clock = ManualClock()
+    default = RateLimitPolicy()
+    for uri in ("memory://", "async+memory://"):
+        assert isinstance(storage_from_uri(uri), BoundedMemoryStorage)
+    plain = storage_from_uri()
+    assert isinstance(plain, BoundedMemoryStorage)
+    assert plain.max_keys == BoundedMemoryStorage().max_keys == default.max_tracked_keys
+    for scheme in ("redis", "rediss", "async+redis", "async+rediss"):
+        driven = storage_from_uri(f"{scheme}://localhost:6380/0", clock=clock, timeout=0.1)
+        assert isinstance(driven, RedisLimitStorage)
+        assert driven.clock is clock
+        assert driven.client.connection_pool.timeout == 0.1  # type: ignore[attr-defined]
+        await driven.client.aclose()
+    shared = storage_from_uri("redis://localhost:6380/0")
+    assert isinstance(shared, RedisLimitStorage)
+    assert shared.clock is None  # the system clock: Redis's own time
+    assert shared.client.connection_pool.timeout == default.storage_timeout  # type: ignore[attr-defined]
+    await shared.client.aclose()
+    with pytest.raises(ValueError, match=r"^max_keys must be at least 1$"):
+        BoundedMemoryStorage(max_keys=0)
+
+
+def test_a_redis_uri_without_the_redis_extra_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "redis", None)  # `import redis` raises ImportError
+    with pytest.raises(ValueError, match=r"needs the redis extra: pip install 'seawall\[redis\]'"):
+        storage_from_uri("redis://localhost:6380/0")
+    assert isinstance(storage_from_uri("memory://"), BoundedMemoryStorage)
+
+
+async def test_limits_sliding_window_weighs_the_previous_window_by_what_is_left_of_it(
+    clock: ManualClock,
+) -> None:
+    storage = BoundedMemoryStorage(clock=clock)
+    sliding = SlidingWindowCounterRateLimiter(storage)
+    item = parse("4/4 seconds")
+    assert [await sliding.hit(item, "k") for _ in range(5)] == [True] * 4 + [False]
+    clock.advance(6)  # half of the next window: the previous 4 weigh 2
+    assert [await sliding.hit(item, "k") for _ in range(3)] == [True, True, False]
+
+
+async def test_limits_fixed_window_ends_exactly_at_its_start_plus_its_length(
+    clock: ManualClock,
+) -> None:
+    storage = BoundedMemoryStorage(clock=clock)
+    fixed = FixedWindowRateLimiter(storage)
+    item = parse("2/minute")
+    assert await fixed.hit(item, "k", cost=2)
+    stats = await fixed.get_window_stats(item, "k")
+    assert (stats.remaining, stats.reset_time) == (0, clock.wall() + 60)
+    clock.advance(60)
+    stats = await fixed.get_window_stats(item, "k")
+    assert (stats.remaining, stats.reset_time) == (2, clock.wall())
+    assert await fixed.hit(item, "k", cost=2)

@@ -30,7 +30,7 @@ import itertools
 from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from math import floor, inf
+from math import floor, inf, nextafter
 from typing import Any
 
 from limits.aio.storage import MovingWindowSupport, SlidingWindowCounterSupport, Storage
@@ -160,8 +160,8 @@ class BoundedMemoryStorage(Storage, MovingWindowSupport, SlidingWindowCounterSup
 
     def _resolve(self, key: str, limit: int, expiry: float, now: float) -> str:
         """``key``, or when it is new and the table is full, its rate's overflow key."""
-        if key in self._records or not self._full(now):
-            return key
+        if key in self._records or not self._full(now) or key.startswith(_OVERFLOW_PREFIX):
+            return key  # (an overflow key, resolved once already by decide: count it once)
         self.overflowed += 1
         return f"{_OVERFLOW_PREFIX}{limit}/{expiry:g}"
 
@@ -305,7 +305,8 @@ class BoundedMemoryStorage(Storage, MovingWindowSupport, SlidingWindowCounterSup
             events.append(now)
         else:
             events.extend(itertools.repeat(now, amount))
-        rec.expires = now + expiry
+        # The entry still counts at exactly now + expiry: the record expires just after.
+        rec.expires = nextafter(now + expiry, inf)
         n = len(events)
         if n * 4 >= limit:
             self._retier(key, rec, n, limit)
