@@ -169,13 +169,14 @@ class ShedPolicy(PolicyBase):
     limit stays at ``initial_limit``. The limit counts *work*: a request from its start to
     its response start; a body streaming in or out does not hold it.
 
-    Queue (CoDel): a waiter waits its turn however long the queue drains; once the oldest
-    wait has stayed above ``queue_target`` for a whole ``queue_interval`` while the limit
-    cannot grow, the queue is *overloaded*: it is cut to what the drain rate serves within
-    a quarter of the target (possibly nothing), served newest-first
-    (``lifo_under_overload``), each class above a request's keeps ``priority_reserve`` of
-    the limit, and waits are capped at ``queue_target``. ``max_queue_length`` caps the
-    queue always. It goes back to normal after one ``queue_interval`` without pressure.
+    Queue (CoDel): a waiter waits its turn however long the queue drains. Once the oldest
+    wait passes ``queue_target`` the queue is *standing* and served newest-first
+    (``lifo_under_overload``); once it has stood for ``overload_after`` while the limit
+    cannot grow, it is *overloaded*: it is cut to what the drain rate serves within half
+    of ``queue_interval`` (possibly nothing), waits are capped at ``queue_interval``, and
+    each class above a request's keeps ``priority_reserve`` of the limit.
+    ``max_queue_length`` caps the queue always. Overload ends when a slot stays free for a
+    whole hold time or nothing was refused for ``overload_after`` (docs/shedding.md).
 
     Controller, once per window of ``window_samples`` latency samples (or ``window_max``
     seconds): latency above ``tolerance * baseline`` shrinks the limit in proportion;
