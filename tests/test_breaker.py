@@ -855,3 +855,125 @@ def test_a_remote_open_and_close_start_a_clean_window() -> None:
     fail(breaker, 1)  # the failures from before the remote open are forgotten
     assert breaker.state is BreakerState.CLOSED
     assert breaker.rates() == (1, 1.0, 0.0)
+
+
+def test_the_time_window_trips_on_slow_calls_too(clock: ManualClock) -> None:
+    """The default window kind counts slow calls like the count window does."""
+    bus = EventBus()
+    seen = events_of(bus)
+    policy = BreakerPolicy(
+        window="time", minimum_calls=4, slow_call_duration=2.0, slow_call_rate_threshold=0.75
+    )
+    breaker = CircuitBreaker("h", policy, clock=clock, events=bus, rng=lambda: 0.5)
+    succeed(breaker, 1, duration=0.1)
+    succeed(breaker, 2, duration=5.0)
+    assert breaker.rates() == (3, 0.0, 2 / 3)
+    succeed(breaker, 1, duration=2.0)  # 3 of 4 slow
+    assert breaker.state is BreakerState.OPEN
+    changed = [e for e in seen if isinstance(e, BreakerStateChanged)]
+    assert [(e.reason, e.failure_rate, e.slow_rate) for e in changed] == [
+        ("slow_call_rate", 0.0, 0.75)
+    ]
+
+
+def test_a_busy_half_open_refusal_says_so_and_crosses_processes_whole(
+    clock: ManualClock,
+) -> None:
+    breaker = half_open(clock, probes=1)
+    breaker.admit()
+    with pytest.raises(CircuitOpenError) as info:
+        breaker.admit()
+    err = info.value
+    assert err.state is BreakerState.HALF_OPEN
+    assert str(err) == (
+        "circuit breaker for 'h' is half-open with every probe in flight; "
+        "the upstream is not called. Next probe in 10.0s"
+    )
+    again = pickle.loads(pickle.dumps(err))
+    assert (again.name, again.retry_at, again.retry_in, again.state, str(again)) == (
+        "h",
+        err.retry_at,
+        err.retry_in,
+        BreakerState.HALF_OPEN,
+        str(err),
+    )
+
+
+def test_a_permit_tells_whether_it_is_done_and_what_it_is(clock: ManualClock) -> None:
+    breaker = CircuitBreaker("h", COUNT, clock=clock)
+    first, second = breaker.admit(), breaker.admit()
+    assert first.done is False and first.probe is False
+    assert repr(first) != repr(second)  # two calls in flight are told apart in a log
+    breaker.record(first, Outcome.SUCCESS, 0.01)
+    assert first.done is True and second.done is False
+    breaker.record(second, Outcome.SUCCESS, 0.01)
+    probing = half_open(clock, probes=2)
+    probe = probing.admit()
+    assert probe.probe is True
+    assert repr(probe) == f"<Permit probe #{probe._id} gen={probe.generation} of 'h'>"
+
+
+@pytest.mark.parametrize(
+    ("status", "outcome"),
+    [(499, Outcome.SUCCESS), (599, Outcome.FAILURE), (600, Outcome.SUCCESS)],
+)
+def test_every_5xx_and_only_5xx_is_a_failure(status: int, outcome: Outcome) -> None:
+    assert classify_status(status) is outcome
+
+
+def test_without_a_policy_a_429_is_judged_by_the_default_one() -> None:
+    assert classify_status(429) is Outcome.SUCCESS  # BreakerPolicy().count_429_as_failure
+    assert classify_status(429, None) is classify_status(429, BreakerPolicy())
+
+
+def test_an_error_carrying_a_status_attribute_is_judged_by_it() -> None:
+    """aiohttp's ClientResponseError carries ``status``; some SDKs put a response with
+    ``status`` on their errors."""
+
+    class ClientResponseError(Exception):
+        def __init__(self, status: int) -> None:
+            super().__init__(f"{status}")
+            self.status = status
+
+    class SdkError(Exception):
+        def __init__(self, status: int) -> None:
+            super().__init__(f"{status}")
+            self.response = type("Answer", (), {"status": status})()
+
+    for make in (ClientResponseError, SdkError):
+        assert classify_exception(make(404)) is Outcome.SUCCESS
+        assert classify_exception(make(503)) is Outcome.FAILURE
+
+
+def test_a_registry_without_a_policy_reports_the_default_one(clock: ManualClock) -> None:
+    registry = BreakerRegistry(clock=clock)
+    assert registry.policy == BreakerPolicy()  # what shared state reads (open periods, probes)
+    assert registry.get("h").policy == registry.policy
+
+
+def test_a_registry_holds_ten_thousand_breakers_by_default(clock: ManualClock) -> None:
+    registry = BreakerRegistry(COUNT.replace(window_size=1, minimum_calls=1), clock=clock)
+    for n in range(10_001):
+        registry.get(f"host{n}.test")
+    assert len(registry) == 10_000 and "host0.test" not in registry
+
+
+def test_a_full_registry_evicts_idle_before_busy_and_the_least_recent_first(
+    clock: ManualClock,
+) -> None:
+    registry = BreakerRegistry(COUNT, clock=clock, max_breakers=2)
+    for host in ("a.test", "b.test"):
+        fail(registry.get(host), 4)  # both open and idle: they hold information
+    registry.get("c.test")
+    assert "a.test" not in registry and "b.test" in registry  # the least recently used
+
+    busy = BreakerRegistry(COUNT, clock=clock, max_breakers=2)
+    busy.get("a.test").admit()  # least recently used, but a call is in flight
+    fail(busy.get("b.test"), 4)  # open and idle
+    busy.get("c.test")
+    assert "a.test" in busy and "b.test" not in busy  # idle goes before busy
+
+    every = BreakerRegistry(COUNT, clock=clock, max_breakers=2)
+    for host in ("a.test", "b.test", "c.test"):
+        every.get(host).admit()  # everything is busy: the least recently used goes
+    assert len(every) == 2 and "a.test" not in every

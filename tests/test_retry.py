@@ -581,7 +581,10 @@ def test_a_default_budget_is_a_tenth_of_first_attempts_or_five_per_ten_seconds(
     ],
 )
 def test_a_budget_refuses_values_that_make_no_sense(kwargs: dict[str, float]) -> None:
-    with pytest.raises(ValueError, match=r"ratio in \[0, 1\], min rate >= 0"):
+    # the whole message, and nothing else: it is what a misconfigured caller reads
+    with pytest.raises(
+        ValueError, match=r"^ratio in \[0, 1\], min rate >= 0, window > 0, buckets >= 1$"
+    ):
         RetryBudget(**kwargs)  # type: ignore[arg-type]
 
 
@@ -603,6 +606,31 @@ def test_a_budget_from_a_policy_keeps_its_window_clock_and_host_bound(clock: Man
     for host in "bcd":
         budget.record_attempt(host)
     assert len(budget) == 2
+
+
+def test_a_budget_made_on_its_own_is_bounded_like_a_clients(clock: ManualClock) -> None:
+    """A budget built directly (to share with budgets=) or from a retry policy tracks as
+    many hosts as a client's own, ClientPolicy().max_hosts, the least recent forgotten."""
+    bound = ClientPolicy().max_hosts
+    for budget in (RetryBudget(clock=clock), RetryBudget.from_policy(RetryPolicy(), clock=clock)):
+        for n in range(bound + 1):
+            budget.record_attempt(f"host{n}.test")
+        assert len(budget) == bound
+
+
+def test_a_spent_budget_is_reported_even_when_the_deadline_also_refuses() -> None:
+    """Operators count RetryBudgetExhausted to see the budget holding retries back: a first
+    answer that finds the budget spent says so, even when its Retry-After would also have
+    passed the deadline."""
+    clock = ManualClock(start=50.0)
+    bus, seen = _recorded()
+    budget = RetryBudget(ratio=0.0, min_retries_per_second=0.0, clock=clock)
+    retries = _retries(clock, bus, attempts=5, budget=budget, deadline=2.0)
+    assert retries.after_result("shed") is None  # Retry-After 4 s, 2 s left, budget spent
+    assert seen == [
+        RetryBudgetExhausted(at=50.0, host="registry.test", attempt=1, reason="shed"),
+        RetriesExhausted(at=50.0, host="registry.test", attempts=1, why="budget", reason="shed"),
+    ]
 
 
 def test_an_empty_budget_or_one_attempt_decides_without_a_phantom_host() -> None:
