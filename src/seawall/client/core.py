@@ -260,9 +260,6 @@ class ClientCore:
             )
         return slots.get(host)  # type: ignore[return-value]
 
-    def breaker(self, host: str) -> CircuitBreaker | None:
-        return self.breakers.get(host) if self.breakers is not None else None
-
     def pacer(self, host: str) -> HostPacer | None:
         return self._pacers.get(host) if self._pacers is not None else None
 
