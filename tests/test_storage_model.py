@@ -254,6 +254,10 @@ step = st.tuples(
 )
 
 
+async def _no_background_expiry() -> None:
+    return None
+
+
 @settings(max_examples=40, deadline=None, phases=PHASES)
 @given(steps=st.lists(step, min_size=1, max_size=40))
 def test_limits_strategies_answer_the_same_on_both_storages(
@@ -267,11 +271,21 @@ def test_limits_strategies_answer_the_same_on_both_storages(
     async def run() -> None:
         ours = BoundedMemoryStorage(clock=clock)
         theirs = LimitsAsyncMemory()
+        # limits' storage also drops expired entries from a background task (in a thread),
+        # whenever the loop lets it run: at a window's exact end its answer would depend on
+        # that timing. Without it, its own lazy checks answer, as ours do.
+        theirs._MemoryStorage__schedule_expiry = _no_background_expiry  # type: ignore[attr-defined]
         try:
             for quarters, op, name, item_index, who, cost in steps:
-                clock.advance(quarters / 4)
+                # a millisecond past the quarter: no query lands exactly one window after a
+                # hit, where limits' own storage disagrees with itself (its moving window
+                # counts such an entry when acquiring, not in its stats or test)
+                clock.advance(quarters / 4 + 0.001)
                 item = ITEMS[item_index]
                 a, b = LIMITERS[name](ours), LIMITERS[name](theirs)
+                # one key per strategy: limits' storage keeps a counter and a moving window of
+                # one key apart, ours keeps one record per key (a limiter uses one strategy)
+                who = f"{who}-{name}"
                 if op == "hit":
                     got = await a.hit(item, who, cost=cost), await b.hit(item, who, cost=cost)
                 elif op == "test":
@@ -279,6 +293,10 @@ def test_limits_strategies_answer_the_same_on_both_storages(
                 elif op == "stats":
                     x, y = await a.get_window_stats(item, who), await b.get_window_stats(item, who)
                     got = (x.remaining, x.reset_time), (y.remaining, approx(y.reset_time))
+                    if name == "moving" and y.remaining == item.amount:
+                        # an empty window: limits reads its reset from an entry that only its
+                        # background task removes (off here), so only the count is compared
+                        got = x.remaining, y.remaining
                 else:
                     await a.clear(item, who)
                     await b.clear(item, who)
