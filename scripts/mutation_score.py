@@ -70,6 +70,7 @@ def unexplained(doc: Path, survivors: list[tuple[str, str]]) -> list[str]:
     for name, module in survivors:
         short = module.removeprefix("src/seawall/")
         removed, added = changed_lines(name, module)
+        shown = f"{' / '.join(removed)} -> {' / '.join(added)}"
         removed.append(" / ".join(removed))  # a row may show every changed line, as --rows does
         added.append(" / ".join(added))
         if not any(
@@ -78,7 +79,7 @@ def unexplained(doc: Path, survivors: list[tuple[str, str]]) -> list[str]:
             and any(mutant.fullmatch(a) for a in added)
             for file, orig, mutant in rows
         ):
-            missing.append(f"{name}: {' / '.join(removed)} -> {' / '.join(added)}")
+            missing.append(f"{name}: {shown}")
     return missing
 
 
