@@ -265,11 +265,25 @@ def report_http(console: Console, quick: bool) -> None:
     console.print(table)
 
 
+async def run_only(variant: str, n: int) -> None:
+    """``n`` requests of one in-process variant and nothing else: for instruction counts."""
+    await variants(b"x" * 100)[variant](0, n)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--http", action="store_true", help="only the loopback server-CPU table")
+    parser.add_argument(
+        "--only",
+        nargs=2,
+        metavar=("VARIANT", "N"),
+        help="run N requests of one variant (e.g. 'stack stored' 3000) under valgrind",
+    )
     args = parser.parse_args()
+    if args.only:
+        asyncio.run(run_only(args.only[0], int(args.only[1])))
+        return
     if not args.http:
         asyncio.run(main_async(args.quick))
     if args.http or not args.quick:
