@@ -21,7 +21,17 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-KILLED = {1: "killed", 3: "killed", 36: "timeout", 24: "timeout", -24: "timeout", 152: "timeout"}
+# -9: the test process was killed (an endless ``itertools.repeat`` eating memory, say): the
+# tests did not pass, which is what a kill means.
+KILLED = {
+    1: "killed",
+    3: "killed",
+    -9: "killed",
+    36: "timeout",
+    24: "timeout",
+    -24: "timeout",
+    152: "timeout",
+}
 LABELS = {0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", None: "not checked"}
 
 
