@@ -16,6 +16,7 @@ from seawall.asgi.shed import LoadShedMiddleware
 from seawall.clock import ManualClock
 from seawall.policy.shed import ShedPolicy
 from seawall.protocol import REFUSED_HEADER, STEP_HEADER
+from seawall.shed import StepTracker
 from test_shed_middleware import Client, GatedApp, body, http_scope, settle
 
 HELD = ShedPolicy(adaptive=False, initial_limit=1, min_limit=1, max_queue_length=0)
@@ -230,3 +231,27 @@ async def test_a_shed_post_was_never_processed_and_runs_once_when_retried(
             attempts.append(await client.post("/events", content=event))
     assert [r.status_code for r in attempts] == [503, 202]
     assert deliveries == [event]  # exactly once
+
+
+# -- the tracker itself ---------------------------------------------------------------------
+
+
+def test_idle_steps_are_forgotten_once_an_idle_period_has_passed() -> None:
+    tracker = StepTracker(idle=10.0, capacity=100)
+    for key, at in (("a", 0.0), ("b", 5.0), ("c", 9.0), ("d", 9.5)):
+        tracker.admitted(key, at)  # one sweep, at 0: nothing idle then
+    assert len(tracker) == 4
+    tracker.admitted("e", 12.0)  # 12 s after that sweep: a, idle for 12 s, goes
+    assert len(tracker) == 4 and not tracker.started("a", 12.0)
+    tracker.admitted("f", 22.0)  # exactly one idle period later: idle longer than 10 s go,
+    assert len(tracker) == 2  # e (exactly 10 s) stays
+    assert [tracker.started(k, 22.0) for k in "bcdef"] == [False, False, False, True, True]
+
+
+def test_a_step_admitted_again_is_the_last_to_be_dropped() -> None:
+    tracker = StepTracker(idle=100.0, capacity=2)
+    tracker.admitted("a", 0.0)
+    tracker.admitted("b", 1.0)
+    tracker.admitted("a", 2.0)  # a continues: b is now the least recently admitted
+    tracker.admitted("c", 3.0)
+    assert [tracker.started(k, 3.0) for k in "abc"] == [True, False, True]
