@@ -200,7 +200,7 @@ class LoadShedMiddleware:
         if step_key is not None:
             self.steps.admitted(step_key, now)
         # the admitted request runs here, not in a helper coroutine: one frame less a request
-        run = _Run(self, outcome, send, path)
+        run = _Run(self, outcome, send, path, now)
         app_receive = run.watch_body(receive) if request.body != 0 else receive
         try:
             await self.app(scope, app_receive, run.send)
@@ -327,7 +327,7 @@ class _Run:
     )
 
     def __init__(
-        self, mw: LoadShedMiddleware, slot: ConcurrencySlot, send: Send, path: str
+        self, mw: LoadShedMiddleware, slot: ConcurrencySlot, send: Send, path: str, now: float
     ) -> None:
         self._mw = mw
         self._path = path
@@ -335,7 +335,7 @@ class _Run:
         self._limiter = mw.limiter
         self._slot: ConcurrencySlot | None = slot
         self._send = send
-        self._work_started = slot.started  # the slot is held from the moment it was granted
+        self._work_started = now  # admitted now (after its wait, for a request that queued)
         self._streams = 0  # 0, or 1 while a body (in or out) holds a stream
         self._answered = False  # we sent the 408 ourselves
         self.started = False  # the response started
