@@ -9,6 +9,8 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -372,3 +374,59 @@ async def test_a_started_step_displaces_new_work_and_uploads_go_first(clock: Man
     await asyncio.wait_for(asyncio.gather(run_a, run_blob), 1)
     assert blob.status == 200
     assert inner.runs == ["/v2/a/blobs/sha256:1", "/v2/c/blobs/sha256:2"]
+
+
+_NAMES = [
+    b"accept", b"content-length", b"transfer-encoding", b"x-seawall-step", b"authorization",
+    b"host", b"user-agent",
+]  # fmt: skip
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    headers=st.lists(
+        st.tuples(
+            st.sampled_from(_NAMES),
+            st.sampled_from([b"", b"0", b"12", b"-3", b"abc", b"chunked", b"t1", b"t2"]),
+        ),
+        max_size=6,
+    ),
+    method=st.sampled_from(["GET", "HEAD", "PUT", "POST"]),
+    version=st.sampled_from(["1.1", "2"]),
+)
+def test_reading_headers_by_map_agrees_with_walking_them(
+    headers: list[tuple[bytes, bytes]], method: str, version: str
+) -> None:
+    """Admission reads the headers through a dict built in C; a repeated name sends it
+    down the walk, which keeps every value. Both must read every request alike."""
+    from seawall.asgi.shed import _read, _read_walking
+
+    scope = {"type": "http", "headers": headers, "http_version": version, "client": ("c", 1)}
+    assert _read(scope, method) == _read_walking(scope, method)
+
+
+def test_a_repeated_content_length_with_an_unreadable_value_is_a_body_of_unknown_size() -> None:
+    """Only the walk sees the first of two lengths: a map keeps the last one alone."""
+    from seawall.asgi.shed import _read
+
+    scope = {"type": "http", "headers": [(b"content-length", b"x"), (b"content-length", b"5")]}
+    assert _read(scope, "PUT").body is None
+    assert _read({"type": "http", "headers": [(b"content-length", b"5")]}, "PUT").body == 5
+
+
+def test_a_credential_is_hashed_into_its_tenant_once_and_the_memo_is_bounded() -> None:
+    from seawall.asgi import shed
+
+    shed._TENANTS.clear()
+    scope = {"type": "http", "headers": [(b"authorization", b"Bearer a")]}
+    first = shed._read(scope, "GET").tenant
+    assert shed._read(scope, "GET").tenant == first and len(shed._TENANTS) == 1
+    other = {"type": "http", "headers": [(b"authorization", b"Bearer b")]}
+    assert shed._read(other, "GET").tenant != first  # no two tenants share a digest
+    for i in range(5000):
+        shed._read({"type": "http", "headers": [(b"authorization", b"%d" % i)]}, "GET")
+    assert len(shed._TENANTS) <= 4096
+    huge = {"type": "http", "headers": [(b"authorization", b"x" * 10_000)]}
+    before = len(shed._TENANTS)
+    assert shed._read(huge, "GET").tenant == shed._read(huge, "GET").tenant
+    assert len(shed._TENANTS) == before  # a huge credential is hashed, never kept

@@ -9,7 +9,7 @@ from typing import Any
 
 from starlette.types import Scope, Send
 
-__all__ = ["header", "retry_after_seconds", "send_problem"]
+__all__ = ["header", "header_map", "retry_after_seconds", "send_problem"]
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -19,6 +19,20 @@ def header(scope: Scope, name: bytes) -> bytes | None:
     for key, value in scope.get("headers") or ():
         if key == name:
             return value  # type: ignore[no-any-return]
+    return None
+
+
+def header_map(scope: Scope) -> dict[bytes, bytes] | None:
+    """The request headers by name, built in C: a few lookups instead of a Python loop
+    over every header per middleware. None when a name repeats (or the list is not a list
+    of pairs): a map would keep only the last value, so callers walk the list instead."""
+    raw = scope.get("headers") or ()
+    try:
+        found: dict[bytes, bytes] = dict(raw)
+        if len(found) == len(raw):
+            return found
+    except (TypeError, ValueError):
+        pass
     return None
 
 

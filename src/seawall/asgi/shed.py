@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from seawall.asgi._http import retry_after_seconds, send_problem
+from seawall.asgi._http import header_map, retry_after_seconds, send_problem
 from seawall.clock import SYSTEM_CLOCK, Clock
 from seawall.events import DEFAULT_BUS, Event, EventBus
 from seawall.lru import remember
@@ -46,6 +46,7 @@ _REFUSED = (REFUSED_HEADER.encode("latin-1"), b"shed")
 """Response header set on every 503 produced by shedding."""
 _STEP = STEP_HEADER.encode("latin-1")
 _READS = frozenset({"GET", "HEAD"})
+_TENANTS: dict[bytes, bytes] = {}  # credential -> its digest (a pure function, bounded)
 _OCI_REPOSITORY = re.compile(r"^/v2/(.+?)/(?:manifests|blobs|tags)/")
 
 
@@ -69,6 +70,34 @@ class _Request:
 
 
 def _read(scope: Scope, method: str) -> _Request:
+    """What admission needs, from a map of the headers (a few lookups, not a loop)."""
+    headers = header_map(scope)
+    if headers is None:
+        return _read_walking(scope, method)
+    length: int | None = None
+    chunked = b"transfer-encoding" in headers
+    declared = headers.get(b"content-length")
+    if declared is not None:
+        try:
+            length = max(0, int(declared))
+        except ValueError:
+            chunked = True  # unreadable: treat as a body of unknown size
+    accept = headers.get(b"accept")
+    step = headers.get(_STEP)
+    return _request(
+        scope,
+        method,
+        "" if accept is None else accept.decode("latin-1"),
+        length,
+        chunked,
+        None if step is None else step.decode("latin-1")[:200],
+        headers.get(b"authorization"),
+    )
+
+
+def _read_walking(scope: Scope, method: str) -> _Request:
+    """``_read`` for a header list with a repeated name: the last value of each counts,
+    and any unreadable length or transfer coding makes the body's size unknown."""
     accept = ""
     length: int | None = None
     chunked = False
@@ -89,6 +118,18 @@ def _read(scope: Scope, method: str) -> _Request:
             step = value.decode("latin-1")[:200]
         elif key == b"authorization":
             auth = value
+    return _request(scope, method, accept, length, chunked, step, auth)
+
+
+def _request(
+    scope: Scope,
+    method: str,
+    accept: str,
+    length: int | None,
+    chunked: bool,
+    step: str | None,
+    auth: bytes | None,
+) -> _Request:
     if length is not None and not chunked:
         body: int | None = length
     elif chunked:
@@ -99,7 +140,10 @@ def _read(scope: Scope, method: str) -> _Request:
         body = 0
     tenant: Hashable
     if auth is not None:  # the credential names the tenant; keep only a digest of it
-        tenant = hashlib.blake2b(auth, digest_size=16).digest()
+        tenant = _TENANTS.get(auth)
+        if tenant is None:  # a client sends the same token for a whole step: hash it once
+            digest = hashlib.blake2b(auth, digest_size=16).digest()
+            tenant = remember(_TENANTS, auth, digest, 4096) if len(auth) <= 8192 else digest
     else:
         client = scope.get("client")
         tenant = client[0] if client else None
