@@ -404,39 +404,76 @@ async def test_set_cookie_is_stripped_and_never_replayed(clock: ManualClock) -> 
     assert "set-cookie" not in served and served["content-type"] == "application/json"
 
 
-@settings(max_examples=300, deadline=None)
-@given(
-    headers=st.lists(
+_REQUEST = st.tuples(
+    st.lists(
         st.tuples(
             st.sampled_from(
                 [b"host", b"accept", b"authorization", b"x-api-key", b"cookie", b"x-auth-token",
-                 b"user-agent", b"x-request-id", b"Private-Token"]
+                 b"user-agent", b"x-request-id", b"Private-Token", b"x-tenant", b"Host", b"Accept"]
             ),
-            st.binary(min_size=0, max_size=12),
+            st.sampled_from([b"", b"a", b"b", b"registry.test", b"[", b"x" * 5000]),
         ),
         max_size=6,
     ),
-    path=st.sampled_from(
+    st.sampled_from(
         ["/v2/a/manifests/1", "/v2/a/blobs/sha256:" + "0" * 64, "/simple/x/", "/v2/a/blobs/md5:1"]
     ),
-    query=st.sampled_from([b"", b"n=1", b"token=abc"]),
-)
+    st.sampled_from([b"", b"n=1", b"token=abc"]),
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(requests=st.lists(_REQUEST, min_size=1, max_size=8))
 def test_the_server_faces_key_memo_always_agrees_with_the_key(
-    headers: list[tuple[bytes, bytes]], path: str, query: bytes
+    requests: list[tuple[list[tuple[bytes, bytes]], str, bytes]],
 ) -> None:
-    """The ASGI face remembers keys by the raw request line and credential headers; every
-    remembered key must be the key the cache computes from scratch (no leak by memo)."""
+    """The ASGI face remembers keys by the request line and the raw Host, Accept and
+    credential headers (which of them a request has is remembered by its header names);
+    every key it gives, for a sequence of requests through one memo, must be the key the
+    cache computes from scratch (no leak by memo). Names repeat, so both the map and the
+    walk over the header list are exercised."""
     from seawall.asgi.cache import _Exchange, _KeyMemo, request_info
 
     cache = FallbackCache(policy=CachePolicy(credential_headers=["x-tenant"]))
     memo = _KeyMemo(cache)
-    scope = {
-        "type": "http", "method": "GET", "scheme": "https", "path": path, "root_path": "",
-        "query_string": query, "headers": headers, "server": ("registry.test", 443),
-    }  # fmt: skip
     for _ in range(2):  # computed, then remembered
+        for headers, path, query in requests:
+            scope = {
+                "type": "http", "method": "GET", "scheme": "https", "path": path,
+                "root_path": "", "query_string": query, "headers": headers,
+                "server": ("registry.test", 443),
+            }  # fmt: skip
+            got = memo.key(scope, _Exchange(scope, cache, memo))
+            assert got == cache.key(request_info(scope))
+
+
+def test_the_key_memo_tells_apart_what_only_accept_or_a_credential_tells_apart() -> None:
+    """The cases a random search meets rarely: one manifest URL asked for with two media
+    types, and one blob with two tokens, through the same memo."""
+    from seawall.asgi.cache import _Exchange, _KeyMemo, request_info
+
+    cache = FallbackCache(policy=CachePolicy(credential_headers=["x-tenant"]))
+    memo = _KeyMemo(cache)
+    base = [(b"host", b"registry.test"), (b"user-agent", b"docker")]
+    variants = [
+        ("/v2/a/manifests/1", [*base, (b"accept", b"application/vnd.oci.image.index.v1+json")]),
+        ("/v2/a/manifests/1", [*base, (b"accept", b"application/vnd.oci.image.manifest.v1+json")]),
+        ("/v2/a/manifests/1", [*base, (b"x-tenant", b"a")]),
+        ("/v2/a/manifests/1", [*base, (b"x-tenant", b"b")]),
+        ("/v2/a/manifests/1", [(b"host", b"other.test"), (b"user-agent", b"docker")]),
+        ("/v2/a/manifests/1", [*base, (b"authorization", b"a"), (b"authorization", b"b")]),
+        ("/v2/a/manifests/1", [*base, (b"authorization", b"a")]),
+    ]
+    keys = []
+    for path, headers in variants * 2:
+        scope = {
+            "type": "http", "method": "GET", "scheme": "https", "path": path, "root_path": "",
+            "query_string": b"", "headers": headers, "server": ("registry.test", 443),
+        }  # fmt: skip
         got = memo.key(scope, _Exchange(scope, cache, memo))
         assert got == cache.key(request_info(scope))
+        keys.append(got.base)
+    assert len(set(keys)) == len(variants)
 
 
 @pytest.mark.parametrize("host", [b"[", b"registry:notaport", b"[::1"])

@@ -28,10 +28,13 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+from collections.abc import Callable
+from operator import itemgetter
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from seawall.asgi._http import header_map
 from seawall.cache._async.io import AsyncCacheRecorder
 from seawall.cache.fallback import CacheCorruptError, FallbackCache, Hit
 from seawall.cache.freshness import is_artifact, is_per_client_field, shared_cache_allowed
@@ -45,6 +48,7 @@ from seawall.protocol import REFUSED_HEADER
 __all__ = ["FallbackCacheMiddleware"]
 
 _REFUSED = REFUSED_HEADER.encode("latin-1")
+_Picker = Callable[[dict[bytes, bytes]], tuple[bytes, ...]]
 
 
 def request_info(scope: Scope) -> RequestInfo:
@@ -63,52 +67,70 @@ def request_info(scope: Scope) -> RequestInfo:
 
 
 class _KeyMemo:
-    """Cache keys of recent requests, by what makes the key: the request line, Accept and
-    the credential headers' raw bytes. A registry front-end sees the same blob asked for
-    again and again; this saves decoding every header, parsing the URL and hashing for
-    each. Bounded: a flood of distinct requests only starts it over."""
+    """Cache keys of recent requests, by what makes the key: the request line, Host, Accept
+    and the credential headers' raw bytes. A registry front-end sees the same blob asked
+    for again and again; this saves decoding every header, parsing the URL and hashing for
+    each. Which headers make the key is itself remembered per list of header names (one
+    client sends the same names every time), so a request costs a few lookups in C, not a
+    Python loop over its headers. Bounded: a flood of distinct requests only starts it over.
+    """
 
-    __slots__ = ("_credential", "_extra", "_keys")
+    __slots__ = ("_extra", "_keys", "_names", "_pickers")
 
     _MAX = 8192
+    _MAX_VALUES = 4096  # bytes of header values beyond which a key is not remembered
 
     def __init__(self, cache: FallbackCache) -> None:
         self._keys: dict[tuple[Any, ...], RequestKey] = {}
-        self._credential: dict[bytes, bool] = {}
+        self._names: dict[bytes, bool] = {}
+        self._pickers: dict[tuple[bytes, ...], tuple[tuple[bytes, ...], _Picker | None]] = {}
         self._extra = frozenset(cache.policy.credential_headers)
 
-    def _is_credential(self, name: bytes) -> bool:
-        known = self._credential.get(name)
+    def _in_key(self, name: bytes) -> bool:
+        """Whether a header of this name makes the key: Host, Accept, or a credential."""
+        known = self._names.get(name)
         if known is None:
             text = name.decode("latin-1").lower()
-            known = is_credential_header(text, self._extra)
-            if len(self._credential) < 1024:  # header names: few, unless hostile
-                self._credential[name] = known
+            known = text in ("host", "accept") or is_credential_header(text, self._extra)
+            if len(self._names) < 1024:  # header names: few, unless hostile
+                self._names[name] = known
         return known
 
+    def _picker(self, names: tuple[bytes, ...]) -> tuple[tuple[bytes, ...], _Picker | None]:
+        """The names among ``names`` that make the key, and a getter of their values."""
+        wanted = tuple(n for n in names if self._in_key(n))
+        pick: _Picker | None = None
+        if len(wanted) > 1:
+            pick = itemgetter(*wanted)
+        elif wanted:
+            one = wanted[0]
+            pick = lambda headers: (headers[one],)  # noqa: E731  (itemgetter(x) is no tuple)
+        return remember(self._pickers, names, (wanted, pick), 1024)
+
     def key(self, scope: Scope, ex: _Exchange) -> RequestKey:
-        parts: list[Any] = [
+        headers = header_map(scope)
+        values: tuple[bytes, ...]
+        if headers is not None:
+            names = tuple(headers)
+            wanted, pick = self._pickers.get(names) or self._picker(names)
+            values = () if pick is None else pick(headers)
+        else:  # a name repeats: every value of it counts, in order
+            pairs = [(n, v) for n, v in scope.get("headers") or () if self._in_key(n)]
+            wanted = tuple(n for n, _ in pairs)
+            values = tuple(v for _, v in pairs)
+        memo = (
             scope.get("scheme"),
             scope.get("server"),
             scope.get("root_path", ""),
             scope.get("path"),
             scope.get("query_string", b""),
-        ]
-        size = 0
-        credential = self._credential
-        for name, value in scope.get("headers") or ():
-            known = credential.get(name)
-            if known is None:
-                known = self._is_credential(name)
-            if known or name in (b"host", b"accept"):
-                parts.append(name)
-                parts.append(value)
-                size += len(value)
-        memo = tuple(parts)
+            wanted,
+            values,
+        )
         found = self._keys.get(memo)
         if found is None:
             found = ex.cache.key(ex.info)
-            if size < 4096:
+            if sum(map(len, values)) < self._MAX_VALUES:
                 remember(self._keys, memo, found, self._MAX)
         return found
 
