@@ -8,7 +8,11 @@ middleware. Variants, each with library defaults:
 * ``+ratelimit``, ``+shed``, ``+cache``: one seawall middleware each;
 * ``stack``: the documented
   ``FallbackCacheMiddleware(LoadShedMiddleware(RateLimitMiddleware(app)))``;
-* ``slowapi``: SlowAPIASGIMiddleware with the same limit, a rate-limiting peer.
+* ``slowapi``: SlowAPIASGIMiddleware with the same limit, a rate-limiting peer;
+* ``..., docker client``: bare and the stack again, each request carrying the seven
+  headers a docker client sends for a blob (a 700-byte bearer token among them), where
+  the rest carry two: every header a layer looks at is work, and "added" is against the
+  bare app with the same headers.
 
 Cache paths: ``stored`` (the blob's verified copy is already in the cache: the common
 case of a registry front-end, the goal is no per-byte work), ``record`` (every request a
@@ -67,6 +71,17 @@ from seawall import (
 
 LIMIT = "1000000/minute"  # never refuses: what is measured is the cost of asking
 REQUESTS_PER_CLIENT = 50  # a CI step: a manifest and its layers, from one runner
+BENCH_HEADERS = [(b"host", b"registry.bench"), (b"user-agent", b"bench/1.0")]
+DOCKER_HEADERS = [  # what a docker client sends for a blob behind a token service
+    (b"host", b"registry.bench"),
+    (b"user-agent", b"docker/24.0.7 go/go1.20.10 git-commit/311b9ff kernel/6.1.0 os/linux"),
+    (b"accept", b"application/vnd.oci.image.layer.v1.tar+gzip"),
+    (b"authorization", b"Bearer " + b"eyJhbGciOiJSUzI1NiJ9." + b"x" * 700),
+    (b"accept-encoding", b"gzip"),
+    (b"traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+    (b"connection", b"keep-alive"),
+]
+DOCKER = ", docker client"  # variants whose requests carry DOCKER_HEADERS
 
 
 def blob_app(
@@ -83,9 +98,14 @@ def blob_app(
     return Starlette(routes=[Route("/v2/lib/app/blobs/{digest}", blob)], middleware=middleware)
 
 
-def runner(app: ASGIApp, path: str, unique: bool, expect: int = 200) -> Runner:
+def runner(
+    app: ASGIApp,
+    path: str,
+    unique: bool,
+    expect: int = 200,
+    headers: list[tuple[bytes, bytes]] = BENCH_HEADERS,
+) -> Runner:
     """Many clients asking for one blob (``unique``: each at a URL never seen before)."""
-    headers = [(b"host", b"registry.bench"), (b"user-agent", b"bench/1.0")]
 
     def scope_of(i: int) -> dict[str, Any]:
         query = b"n=%d" % i if unique else b""
@@ -111,6 +131,10 @@ def variants(body: bytes) -> dict[str, Runner]:
     app = blob_app(body, ok)
     stack = FallbackCacheMiddleware(LoadShedMiddleware(RateLimitMiddleware(app, limit)))
     out["stack stored"] = runner(stack, path, False)
+    out["bare" + DOCKER] = runner(blob_app(body, ok), path, False, headers=DOCKER_HEADERS)
+    app = blob_app(body, ok)
+    stack = FallbackCacheMiddleware(LoadShedMiddleware(RateLimitMiddleware(app, limit)))
+    out["stack stored" + DOCKER] = runner(stack, path, False, headers=DOCKER_HEADERS)
     slow_app = blob_app(body, ok, [Middleware(SlowAPIASGIMiddleware)])
     slow_app.state.limiter = Limiter(key_func=get_remote_address, default_limits=[LIMIT])
     out["slowapi"] = runner(slow_app, path, False)
@@ -131,12 +155,12 @@ def _after_warmup(mw: FallbackCacheMiddleware, path: str, failing: list[bool]) -
 
 
 def report(label: str, samples: dict[str, list[float]], console: Console) -> dict[str, float]:
-    bare = samples["bare"]
     table = Table(title=f"{label}: µs per request (median of rounds), added over bare")
     for col in ("variant", "µs", "added µs", "x bare"):
         table.add_column(col, justify="right" if col != "variant" else "left")
     added: dict[str, float] = {}
     for name, values in samples.items():
+        bare = samples["bare" + DOCKER if name.endswith(DOCKER) else "bare"]
         med = statistics.median(values) * 1e6
         diff = statistics.median(x - b for x, b in zip(values, bare, strict=True)) * 1e6
         added[name] = diff
