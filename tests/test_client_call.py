@@ -404,11 +404,11 @@ async def test_pacing_never_waits_past_the_deadline_and_frees_the_permit(
     assert breaker.in_flight == 0 and breaker.rates() == (1, 0.0, 0.0)
 
 
-async def test_a_pacing_wait_up_to_the_deadline_leaves_the_attempt_no_time(
+async def test_a_pacing_wait_as_long_as_the_time_left_is_refused_at_once(
     clock: ManualClock,
 ) -> None:
-    """HostPacer reserves a slot when its wait is at most the time left; the attempt then
-    starts at the deadline, and its timeout is zero (never time past the deadline)."""
+    """A slot that frees exactly at the deadline would leave the attempt a zero timeout
+    after a whole wait: the caller learns at once that the rate limit is in the way."""
     bus, events = _recorder()
 
     async def fetch() -> str:
@@ -419,22 +419,20 @@ async def test_a_pacing_wait_up_to_the_deadline_leaves_the_attempt_no_time(
     guard = Resilient(fetch, "registry.test", policy, clock=clock, events=bus)
     start = clock.now()
     assert await guard() == "ok"
-    with pytest.raises(TimeoutError):
-        await guard()  # waits its slot, 1 s: exactly the time it had
-    assert clock.slept == [1.0]
+    with pytest.raises(RateLimitWaitTooLong) as info:
+        await guard()  # its slot is 1 s away: exactly the time it has
+    assert info.value.wait == 1.0 and clock.slept == []
     started = [e for e in events if isinstance(e, AttemptStarted)]
-    assert started == [
-        AttemptStarted(at=start, host="registry.test", attempt=1, timeout=1.0),
-        AttemptStarted(at=start + 1.0, host="registry.test", attempt=1, timeout=0.0),
-    ]
+    assert started == [AttemptStarted(at=start, host="registry.test", attempt=1, timeout=1.0)]
 
 
-def test_a_pacer_reserves_a_wait_equal_to_the_time_allowed(clock: ManualClock) -> None:
+def test_a_pacer_reserves_only_a_wait_shorter_than_the_time_allowed(clock: ManualClock) -> None:
     pacer = HostPacer("1/second", clock)
-    assert pacer.reserve(0.0) == 0.0
+    assert pacer.reserve(0.0) == 0.0  # no wait at all: reserved even with no time to spare
     assert pacer.reserve(0.999) == -1.0  # too long: nothing reserved
-    assert pacer.reserve(1.0) == 1.0  # "at most max_wait": reserved
-    assert pacer.reserve(1.0) == -2.0
+    assert pacer.reserve(1.0) == -1.0  # as long as the time allowed: nothing reserved
+    assert pacer.reserve(1.001) == 1.0
+    assert pacer.reserve(1.001) == -2.0
 
 
 async def test_each_attempt_is_announced_with_its_time_and_timeout(clock: ManualClock) -> None:

@@ -185,13 +185,15 @@ class HostPacer:
         self._lock = threading.Lock()
 
     def reserve(self, max_wait: float) -> float:
-        """Seconds to wait before sending; reserves the slot only if that is <= ``max_wait``
-        (a negative result is the wait that was too long; nothing is reserved)."""
+        """Seconds to wait before sending; reserves the slot only if that wait is shorter
+        than ``max_wait`` (or none at all): a wait that ends when the time allowed does
+        leaves the request no time to be sent. A negative result is the wait that was too
+        long; nothing is reserved."""
         with self._lock:
             now = self._clock.now()
             tat = max(self._tat, now)
             wait = max(0.0, tat - self._tolerance - now)
-            if wait > max_wait:
+            if wait > 0.0 and wait >= max_wait:
                 return -wait
             self._tat = tat + self._interval
             return wait
