@@ -191,11 +191,23 @@ def test_a_window_above_the_tolerance_shrinks_the_limit_in_proportion() -> None:
 
 def test_a_window_of_zero_latency_moves_nothing() -> None:
     """A clock too coarse to time a request gives 0: such a window says nothing about
-    load (and must not divide by zero)."""
+    load (and must not divide by zero), nor about the baseline."""
     f = avoidance(10, limit=20)
     f.window(0.0, 20, saturated=20)
-    f.window(-0.5, 20, saturated=20)  # a negative sample counts as 0
-    assert f.c.limit == 20
+    f.window(-0.5, 20, saturated=20, in_flight=[1] * 20)  # negative counts as 0; spare room
+    assert f.c.limit == 20 and f.baseline == B
+
+
+def test_a_first_window_of_zero_latency_leaves_the_controller_unlearned() -> None:
+    """Found by mutation testing: a zero first window set the baseline to 0, and every
+    later window was skipped for it, freezing the limit at ``initial_limit`` for good."""
+    f = Feed(ShedPolicy(initial_limit=10, min_limit=1, max_limit=1000, window_samples=10))
+    f.window(0.0, 10)
+    assert f.c.baseline is None
+    f.window(B, 10)  # the first window that timed anything: learned as a fresh one
+    assert f.baseline == B and f.c.slow_start is False
+    f.window(4 * B, 10, saturated=10)
+    assert f.c.limit < 10  # the limit moves again
 
 
 # -- the baseline ----------------------------------------------------------------------

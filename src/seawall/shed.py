@@ -243,6 +243,8 @@ class GradientController:
         self._end_window(rtt_mean, grow=grow, waiting=waiting, spare=spare)
 
     def _end_window(self, rtt: float, *, grow: bool, waiting: bool, spare: bool) -> None:
+        if rtt <= 0.0:
+            return  # a clock too coarse to time a request: the window says nothing at all
         p = self._policy
         baseline = self._baseline
         if baseline is None:
@@ -255,8 +257,6 @@ class GradientController:
             baseline = rtt  # pinned at min_limit: nothing of ours queues, re-learn
             self._stuck = 0
         self._baseline = baseline
-        if rtt <= 0 or baseline <= 0:
-            return
         ratio = p.tolerance * baseline / rtt
         flat = rtt * rtt <= p.tolerance * baseline * baseline
         if not flat or not grow:
