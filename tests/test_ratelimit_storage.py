@@ -91,6 +91,25 @@ async def test_eviction_forgets_the_cheapest_keys_first(clock: ManualClock) -> N
     assert storage.moving_window("a", 60)[1] == 2
 
 
+def test_a_moving_window_key_whose_entries_left_the_window_is_light_again(
+    clock: ManualClock,
+) -> None:
+    """Found by mutation testing: a key re-tiered only upwards, so a client that was busy
+    an hour ago stayed protected, and a full table sent newcomers to the shared overflow
+    counter instead of forgetting it."""
+    storage = BoundedMemoryStorage(clock=clock, max_keys=2)
+    for _ in range(8):
+        assert storage.acquire_moving("was-busy", 8, 60)[0]  # at its limit: protected
+    assert storage.acquire_moving("busy", 1, 60)[0]  # at its limit: protected
+    clock.advance(61)
+    assert storage.acquire_moving("busy", 1, 60)[0]  # a new window, at its limit again
+    assert storage.acquire_moving("was-busy", 8, 60)[0]  # one entry of eight: light now
+    assert storage.acquire_moving("new", 8, 60)[0]
+    assert storage.overflowed == 0 and storage.evicted == 1
+    assert storage.moving_window("was-busy", 60)[1] == 0  # the light key was forgotten
+    assert storage.moving_window("busy", 60)[1] == 1 and storage.moving_window("new", 60)[1] == 1
+
+
 def test_eviction_never_resets_a_limited_client_within_its_window() -> None:
     """Issue 13: 100,000 distinct /64s evicted a limited client's counter, which then got 5
     more 200s in the same minute at 5/minute. Now the flood shares the table's light end

@@ -308,7 +308,7 @@ class BoundedMemoryStorage(Storage, MovingWindowSupport, SlidingWindowCounterSup
         # The entry still counts at exactly now + expiry: the record expires just after.
         rec.expires = nextafter(now + expiry, inf)
         n = len(events)
-        if n * 4 >= limit:
+        if n * 4 >= limit or rec.tier != LIGHT:  # up as it fills, down as entries leave
             self._retier(key, rec, n, limit)
         return True, events[0], n, now
 
