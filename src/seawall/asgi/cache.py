@@ -48,7 +48,7 @@ from seawall.protocol import REFUSED_HEADER
 __all__ = ["FallbackCacheMiddleware"]
 
 _REFUSED = REFUSED_HEADER.encode("latin-1")
-_Picker = Callable[[dict[bytes, bytes]], tuple[bytes, ...]]
+_Picker = Callable[[dict[bytes, bytes]], Any]
 
 
 def request_info(scope: Scope) -> RequestInfo:
@@ -97,23 +97,19 @@ class _KeyMemo:
         return known
 
     def _picker(self, names: tuple[bytes, ...]) -> tuple[tuple[bytes, ...], _Picker | None]:
-        """The names among ``names`` that make the key, and a getter of their values."""
+        """The names among ``names`` that make the key, and a getter of their values (one
+        value, or a tuple of several: the names beside it in the memo tell which)."""
         wanted = tuple(n for n in names if self._in_key(n))
-        pick: _Picker | None = None
-        if len(wanted) > 1:
-            pick = itemgetter(*wanted)
-        elif wanted:
-            one = wanted[0]
-            pick = lambda headers: (headers[one],)  # noqa: E731  (itemgetter(x) is no tuple)
+        pick = itemgetter(*wanted) if wanted else None
         return remember(self._pickers, names, (wanted, pick), 1024)
 
     def key(self, scope: Scope, ex: _Exchange) -> RequestKey:
         headers = header_map(scope)
-        values: tuple[bytes, ...]
+        values: object
         if headers is not None:
             names = tuple(headers)
             wanted, pick = self._pickers.get(names) or self._picker(names)
-            values = () if pick is None else pick(headers)
+            values = None if pick is None else pick(headers)
         else:  # a name repeats: every value of it counts, in order
             pairs = [(n, v) for n, v in scope.get("headers") or () if self._in_key(n)]
             wanted = tuple(n for n, _ in pairs)
@@ -130,7 +126,8 @@ class _KeyMemo:
         found = self._keys.get(memo)
         if found is None:
             found = ex.cache.key(ex.info)
-            if sum(map(len, values)) < self._MAX_VALUES:
+            size = sum(len(v) for n, v in scope.get("headers") or () if self._in_key(n))
+            if size < self._MAX_VALUES:
                 remember(self._keys, memo, found, self._MAX)
         return found
 

@@ -26,7 +26,7 @@ import asyncio
 import hashlib
 import re
 from collections import deque
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -72,64 +72,20 @@ class _Request:
 def _read(scope: Scope, method: str) -> _Request:
     """What admission needs, from a map of the headers (a few lookups, not a loop)."""
     headers = header_map(scope)
-    if headers is None:
-        return _read_walking(scope, method)
-    length: int | None = None
-    chunked = b"transfer-encoding" in headers
-    declared = headers.get(b"content-length")
-    if declared is not None:
-        try:
-            length = max(0, int(declared))
-        except ValueError:
-            chunked = True  # unreadable: treat as a body of unknown size
-    accept = headers.get(b"accept")
-    step = headers.get(_STEP)
-    return _request(
-        scope,
-        method,
-        "" if accept is None else accept.decode("latin-1"),
-        length,
-        chunked,
-        None if step is None else step.decode("latin-1")[:200],
-        headers.get(b"authorization"),
-    )
-
-
-def _read_walking(scope: Scope, method: str) -> _Request:
-    """``_read`` for a header list with a repeated name: the last value of each counts,
-    and any unreadable length or transfer coding makes the body's size unknown."""
-    accept = ""
-    length: int | None = None
-    chunked = False
-    step: str | None = None
-    auth: bytes | None = None
-    for key, value in scope.get("headers") or ():
-        if key == b"accept":
-            accept = value.decode("latin-1")
-        elif key == b"content-length":
+    if headers is not None:
+        accept = headers.get(b"accept")
+        step = headers.get(_STEP)
+        auth = headers.get(b"authorization")
+        chunked = b"transfer-encoding" in headers
+        declared = headers.get(b"content-length")
+        length: int | None = None
+        if declared is not None:
             try:
-                length = max(0, int(value))
+                length = max(0, int(declared))
             except ValueError:
-                length = None
                 chunked = True  # unreadable: treat as a body of unknown size
-        elif key == b"transfer-encoding":
-            chunked = True
-        elif key == _STEP:
-            step = value.decode("latin-1")[:200]
-        elif key == b"authorization":
-            auth = value
-    return _request(scope, method, accept, length, chunked, step, auth)
-
-
-def _request(
-    scope: Scope,
-    method: str,
-    accept: str,
-    length: int | None,
-    chunked: bool,
-    step: str | None,
-    auth: bytes | None,
-) -> _Request:
+    else:
+        accept, step, auth, chunked, length = _walk(scope.get("headers") or ())
     if length is not None and not chunked:
         body: int | None = length
     elif chunked:
@@ -147,7 +103,39 @@ def _request(
     else:
         client = scope.get("client")
         tenant = client[0] if client else None
-    return _Request(accept, body, step, tenant)
+    return _Request(
+        "" if accept is None else accept.decode("latin-1"),
+        body,
+        None if step is None else step.decode("latin-1")[:200],
+        tenant,
+    )
+
+
+def _walk(
+    headers: Iterable[tuple[bytes, bytes]],
+) -> tuple[bytes | None, bytes | None, bytes | None, bool, int | None]:
+    """(accept, step, authorization, chunked, length) of a header list whose names repeat:
+    the last value of each counts, and any unreadable length or transfer coding makes the
+    body's size unknown, as a map of the same list would say when nothing repeats."""
+    accept = step = auth = None
+    chunked = False
+    length: int | None = None
+    for key, value in headers:
+        if key == b"accept":
+            accept = value
+        elif key == b"content-length":
+            try:
+                length = max(0, int(value))
+            except ValueError:
+                length = None
+                chunked = True
+        elif key == b"transfer-encoding":
+            chunked = True
+        elif key == _STEP:
+            step = value
+        elif key == b"authorization":
+            auth = value
+    return accept, step, auth, chunked, length
 
 
 def _repository(path: str, cls: RequestClass | None) -> str | None:
