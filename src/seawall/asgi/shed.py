@@ -46,7 +46,7 @@ _REFUSED = (REFUSED_HEADER.encode("latin-1"), b"shed")
 """Response header set on every 503 produced by shedding."""
 _STEP = STEP_HEADER.encode("latin-1")
 _READS = frozenset({"GET", "HEAD"})
-_TENANTS: dict[bytes, bytes] = {}  # credential -> its digest (a pure function, bounded)
+_TENANTS: dict[bytes, bytes] = {}  # credential -> its digest: a pure function, <= 4 MiB
 _OCI_REPOSITORY = re.compile(r"^/v2/(.+?)/(?:manifests|blobs|tags)/")
 
 
@@ -99,7 +99,7 @@ def _read(scope: Scope, method: str) -> _Request:
         tenant = _TENANTS.get(auth)
         if tenant is None:  # a client sends the same token for a whole step: hash it once
             digest = hashlib.blake2b(auth, digest_size=16).digest()
-            tenant = remember(_TENANTS, auth, digest, 4096) if len(auth) <= 8192 else digest
+            tenant = remember(_TENANTS, auth, digest, 1024) if len(auth) <= 4096 else digest
     else:
         client = scope.get("client")
         tenant = client[0] if client else None
