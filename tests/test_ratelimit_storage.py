@@ -854,9 +854,13 @@ def test_newcomers_at_each_rate_get_that_rate_s_own_overflow_counter(clock: Manu
 
 
 def test_sliding_window_records_are_bounded_and_last_two_windows(clock: ManualClock) -> None:
-    """A sliding window needs this window's count and the previous one's: each record lasts
-    two windows from its first hit, then the table takes newcomers again; a tracked client
-    that enters a new window never grows the table past its bound."""
+    """A sliding window needs this window's count and the previous one's, both in one
+    record per client that lasts until its window stops weighing on the next; then the
+    table takes newcomers again. A tracked client entering a new window rolls its record
+    forward: on a full table it forgets nobody's count, its own included (found by
+    mutation testing: with one record per window, entering a new window evicted the
+    oldest protected record, here a's own previous count, and a got one request past its
+    limit)."""
     storage = BoundedMemoryStorage(clock=clock, max_keys=2)
     sliding = "sliding-window-counter"
     for key in "ab":
@@ -865,14 +869,14 @@ def test_sliding_window_records_are_bounded_and_last_two_windows(clock: ManualCl
     assert storage.decide(sliding, ["c"], [2], [4.0], 2)[0]  # the shared overflow counter
     assert not storage.decide(sliding, ["d"], [2], [4.0])[0]
     assert (storage.overflowed, len(storage)) == (3, 2)
-    clock.advance(4)  # a's previous window still weighs in; its new count needs a record
+    clock.advance(4)  # a's previous window weighs in whole
     assert not storage.decide(sliding, ["a"], [2], [4.0])[0]
-    clock.advance(2)
+    clock.advance(2)  # half of it: room for one
     assert storage.decide(sliding, ["a"], [2], [4.0])[0]
-    assert (len(storage), storage.evicted) == (2, 1)
+    assert not storage.decide(sliding, ["a"], [2], [4.0])[0]  # and no more
     assert storage.decide(sliding, ["b"], [2], [4.0])[0]
-    assert (len(storage), storage.evicted) == (2, 2)
-    clock.advance(8)  # two windows after the first hit of a's record: every record is done
+    assert (len(storage), storage.evicted, storage.overflowed) == (2, 0, 3)
+    clock.advance(6)  # the window after a's and b's last hits is over: nothing weighs
     for key in "xy":
         assert storage.decide(sliding, [key], [2], [4.0], 2)[0]
     assert (storage.overflowed, len(storage)) == (3, 2)

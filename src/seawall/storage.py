@@ -56,6 +56,7 @@ STRATEGY_NAMES: tuple[str, ...] = (
 # before their window ends.
 LIGHT, MIDDLE, PROTECTED, OVERFLOW = 0, 1, 2, 3
 _OVERFLOW_PREFIX = "\x00overflow/"  # no client key starts with a NUL byte
+_SLIDING = "\x00sliding"  # a sliding window's record: its key, and this
 
 
 def _tier(used: float, limit: int) -> int:
@@ -67,6 +68,11 @@ def _tier(used: float, limit: int) -> int:
 class _Record:
     """State of one storage key: a counter, its expiry, and moving-window timestamps.
 
+    A sliding window keeps both of its windows in one record: ``start`` is the index of
+    the window ``count`` belongs to and ``previous`` the count of the window before it, so
+    a client entering a new window rolls its record forward instead of needing a second
+    one (which, on a full table, could only be had by forgetting someone's count).
+
     The timestamps are a plain sorted list, not a deque: a deque allocates a 64-slot block
     (~600 bytes) even for one entry, and a flood of one-request clients is the common case.
     ``expires`` is when the record holds nothing any more (for the token bucket it is the
@@ -74,10 +80,11 @@ class _Record:
     eviction tier.
     """
 
-    __slots__ = ("count", "events", "expires", "start", "tier")
+    __slots__ = ("count", "events", "expires", "previous", "start", "tier")
 
     def __init__(self) -> None:
         self.count = 0
+        self.previous = 0
         self.expires = 0.0
         self.start = 0.0
         self.events: list[float] | None = None
@@ -334,21 +341,36 @@ class BoundedMemoryStorage(Storage, MovingWindowSupport, SlidingWindowCounterSup
 
     # -- sliding window counter ----------------------------------------------------------
 
-    @staticmethod
-    def _window_keys(key: str, expiry: float, at: float) -> tuple[str, str]:
-        # limits.storage.base.TimestampedSlidingWindow's naming, with floor() where it has
-        # int(): in the first window after the epoch int() made both names the same.
-        return f"{key}/{floor((at - expiry) / expiry)}", f"{key}/{floor(at / expiry)}"
-
     def _sliding_info(self, key: str, expiry: float, now: float) -> tuple[int, float, int, float]:
-        previous_key, current_key = self._window_keys(key, expiry, now)
-        previous_count = self._get(previous_key, now)
-        current_count = self._get(current_key, now)
+        """(previous count, its weight's time left, current count, its time left): the
+        ``limits`` interface's view, on windows aligned to the epoch as ``limits`` has them."""
+        previous_count = current_count = 0
+        rec = self._records.get(key + _SLIDING)
+        if rec is not None:
+            index = floor(now / expiry)
+            if rec.start == index:
+                previous_count, current_count = rec.previous, rec.count
+            elif rec.start == index - 1:
+                previous_count = rec.count
         previous_ttl = 0.0
         if previous_count:
             previous_ttl = (1 - (((now - expiry) / expiry) % 1)) * expiry
         current_ttl = (1 - ((now / expiry) % 1)) * expiry + expiry
         return previous_count, previous_ttl, current_count, current_ttl
+
+    def _sliding_add(self, key: str, limit: int, expiry: float, amount: int, now: float) -> None:
+        """Count ``amount`` in the current window, rolling the record into it if needed."""
+        record_key = key + _SLIDING
+        rec = self._get_record(record_key, now)
+        index = floor(now / expiry)
+        if rec.start != index:
+            rec.previous = rec.count if rec.start == index - 1 else 0
+            rec.count = 0
+            rec.start = index
+        rec.count += amount
+        rec.expires = (index + 2) * expiry  # when this window stops weighing on the next
+        # tiered by both windows' counts: above the weighted count, so it errs towards keeping
+        self._retier(record_key, rec, rec.previous + rec.count, limit)
 
     async def acquire_sliding_window_entry(
         self, key: str, limit: int, expiry: int, amount: int = 1
@@ -356,21 +378,20 @@ class BoundedMemoryStorage(Storage, MovingWindowSupport, SlidingWindowCounterSup
         if amount > limit:
             return False
         now = self._time()
+        key = self._resolve_sliding(key, limit, expiry, now)
         previous_count, previous_ttl, current_count, _ = self._sliding_info(key, expiry, now)
         weighted = previous_count * previous_ttl / expiry + current_count
         if floor(weighted) + amount > limit:
             return False
-        _, current_key = self._window_keys(key, expiry, now)
-        self._incr(current_key, 2 * expiry, amount, now)  # no await: no race to revert
+        self._sliding_add(key, limit, expiry, amount, now)  # no await: no race to revert
         return True
 
     async def get_sliding_window(self, key: str, expiry: int) -> tuple[int, float, int, float]:
         return self._sliding_info(key, expiry, self._time())
 
     async def clear_sliding_window(self, key: str, expiry: int) -> None:
-        for k in self._window_keys(key, expiry, self._time()):
-            if k in self._records:
-                self._drop(k)
+        if key + _SLIDING in self._records:
+            self._drop(key + _SLIDING)
 
     # -- every strategy, several rates, one synchronous step ------------------------------
 
@@ -404,9 +425,9 @@ class BoundedMemoryStorage(Storage, MovingWindowSupport, SlidingWindowCounterSup
         )
 
     def _resolve_sliding(self, key: str, limit: int, expiry: float, now: float) -> str:
-        previous_key, current_key = self._window_keys(key, expiry, now)
-        records = self._records
-        if previous_key in records or current_key in records or not self._full(now):
+        if key + _SLIDING in self._records or key.startswith(_OVERFLOW_PREFIX):
+            return key  # (an overflow key, resolved once already by decide: count it once)
+        if not self._full(now):
             return key
         self.overflowed += 1
         return f"{_OVERFLOW_PREFIX}{limit}/{expiry:g}"
@@ -466,13 +487,7 @@ class BoundedMemoryStorage(Storage, MovingWindowSupport, SlidingWindowCounterSup
         return floor(weighted) + cost <= limit, state
 
     def _sliding_hit(self, key: str, limit: int, expiry: float, cost: int, now: float) -> RateState:
-        _, current_key = self._window_keys(key, expiry, now)
-        rec = self._get_record(current_key, now)
-        if rec.expires <= now:
-            rec.count = 0
-            rec.expires = now + 2 * expiry
-        rec.count += cost
-        self._retier(current_key, rec, rec.count, limit)
+        self._sliding_add(key, limit, expiry, cost, now)
         return self._sliding_state(key, limit, expiry, now)[1]
 
     # token bucket (GCRA): ``limit`` tokens, refilled at ``limit / expiry`` per second
