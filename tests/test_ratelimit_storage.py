@@ -981,3 +981,24 @@ async def test_limits_fixed_window_ends_exactly_at_its_start_plus_its_length(
     stats = await fixed.get_window_stats(item, "k")
     assert (stats.remaining, stats.reset_time) == (2, clock.wall())
     assert await fixed.hit(item, "k", cost=2)
+
+
+async def test_limits_sliding_entries_are_tiered_and_overflowed_by_their_own_rate(
+    clock: ManualClock,
+) -> None:
+    """Through ``limits``' interface, a sliding-window key is tiered by its own limit (two
+    of eight used is evictable) and a newcomer to a full table shares the overflow counter
+    of its own rate, not another's."""
+    storage = BoundedMemoryStorage(clock=clock, max_keys=2)
+    for key in "ab":
+        assert await storage.acquire_sliding_window_entry(key, 8, 60, 2)
+    assert await storage.acquire_sliding_window_entry("c", 8, 60)
+    assert (storage.evicted, storage.overflowed) == (1, 0)  # a light key made room
+
+    storage = BoundedMemoryStorage(clock=clock, max_keys=2)
+    for key in "ab":
+        assert await storage.acquire_sliding_window_entry(key, 2, 60, 2)  # at the limit
+    assert await storage.acquire_sliding_window_entry("c", 2, 60, 2)
+    assert await storage.acquire_sliding_window_entry("d", 3, 60, 3)  # its own rate's counter
+    assert not await storage.acquire_sliding_window_entry("e", 3, 60)
+    assert (storage.evicted, storage.overflowed) == (0, 3)
