@@ -476,6 +476,30 @@ def test_the_key_memo_tells_apart_what_only_accept_or_a_credential_tells_apart()
     assert len(set(keys)) == len(variants)
 
 
+def test_the_key_memo_keeps_nothing_big_that_a_client_chooses() -> None:
+    """A review measured the memo holding every byte of a key's path, query and header
+    names uncounted: a key is kept only when all of them are small, and so is a list of
+    header names."""
+    from seawall.asgi.cache import _Exchange, _KeyMemo
+
+    cache = FallbackCache()
+    memo = _KeyMemo(cache)
+
+    def ask(path: str, headers: list[tuple[bytes, bytes]]) -> None:
+        scope = {
+            "type": "http", "method": "GET", "scheme": "https", "path": path, "root_path": "",
+            "query_string": b"", "headers": headers, "server": ("registry.test", 443),
+        }  # fmt: skip
+        memo.key(scope, _Exchange(scope, cache, memo))
+
+    ask("/v2/a/manifests/" + "x" * 5000, [(b"host", b"r")])
+    ask("/v2/a/manifests/1", [(b"x-token-" + b"t" * 5000, b"")])
+    assert len(memo._keys) == 0
+    ask("/v2/a/manifests/1", [(b"h%d" % i, b"") for i in range(100)])
+    ask("/v2/a/manifests/1", [(b"host", b"r")])
+    assert len(memo._pickers) == 1 and len(memo._keys) == 2
+
+
 @pytest.mark.parametrize("host", [b"[", b"registry:notaport", b"[::1"])
 async def test_a_hostile_host_header_passes_through_the_cache(host: bytes) -> None:
     """Found by the memo property test: a Host of ``[`` made the cache key raise, so the

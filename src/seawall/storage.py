@@ -274,8 +274,10 @@ class BoundedMemoryStorage(Storage, MovingWindowSupport, SlidingWindowCounterSup
         return n
 
     async def clear(self, key: str) -> None:
-        if key in self._records:
-            self._drop(key)
+        """Forget ``key`` whatever its strategy (a sliding window's record included)."""
+        for k in (key, key + _SLIDING):
+            if k in self._records:
+                self._drop(k)
 
     # -- moving window -------------------------------------------------------------------
 

@@ -24,16 +24,20 @@ def header(scope: Scope, name: bytes) -> bytes | None:
 
 def header_map(scope: Scope) -> dict[bytes, bytes] | None:
     """The request headers by name, built in C: a few lookups instead of a Python loop
-    over every header per middleware. None when a name repeats (or the list is not a list
-    of pairs): a map would keep only the last value, so callers walk the list instead."""
+    over every header per middleware. None when a name repeats (a map would keep only the
+    last value, so callers walk the list instead) or the pairs are malformed.
+
+    ASGI allows the headers to be any iterable: one that is not a list or tuple is turned
+    into a list in the scope first, so that it is not used up before the app (or the next
+    layer, or the cache key) reads it."""
     raw = scope.get("headers") or ()
+    if not isinstance(raw, list | tuple):
+        raw = scope["headers"] = list(raw)
     try:
         found: dict[bytes, bytes] = dict(raw)
-        if len(found) == len(raw):
-            return found
     except (TypeError, ValueError):
-        pass
-    return None
+        return None
+    return found if len(found) == len(raw) else None
 
 
 def retry_after_seconds(seconds: float) -> int:

@@ -78,7 +78,7 @@ class _KeyMemo:
     __slots__ = ("_extra", "_keys", "_names", "_pickers")
 
     _MAX = 8192
-    _MAX_VALUES = 4096  # bytes of header values beyond which a key is not remembered
+    _MAX_VALUES = 4096  # bytes of a request's key parts beyond which its key is not kept
 
     def __init__(self, cache: FallbackCache) -> None:
         self._keys: dict[tuple[Any, ...], RequestKey] = {}
@@ -101,7 +101,9 @@ class _KeyMemo:
         value, or a tuple of several: the names beside it in the memo tell which)."""
         wanted = tuple(n for n in names if self._in_key(n))
         pick = itemgetter(*wanted) if wanted else None
-        return remember(self._pickers, names, (wanted, pick), 1024)
+        if len(names) <= 64 and sum(map(len, names)) <= 2048:  # a client's usual few names
+            remember(self._pickers, names, (wanted, pick), 1024)
+        return wanted, pick
 
     def key(self, scope: Scope, ex: _Exchange) -> RequestKey:
         headers = header_map(scope)
@@ -126,7 +128,8 @@ class _KeyMemo:
         found = self._keys.get(memo)
         if found is None:
             found = ex.cache.key(ex.info)
-            size = sum(len(v) for n, v in scope.get("headers") or () if self._in_key(n))
+            size = sum(len(n) + len(v) for n, v in scope.get("headers") or () if self._in_key(n))
+            size += len(scope.get("path") or "") + len(scope.get("query_string") or b"")
             if size < self._MAX_VALUES:
                 remember(self._keys, memo, found, self._MAX)
         return found
