@@ -1002,3 +1002,20 @@ async def test_limits_sliding_entries_are_tiered_and_overflowed_by_their_own_rat
     assert await storage.acquire_sliding_window_entry("d", 3, 60, 3)  # its own rate's counter
     assert not await storage.acquire_sliding_window_entry("e", 3, 60)
     assert (storage.evicted, storage.overflowed) == (0, 3)
+
+
+def test_a_record_taken_without_resolving_first_still_keeps_the_table_bounded(
+    clock: ManualClock,
+) -> None:
+    """Every path resolves a new key first (a full table of limited keys sends it to the
+    overflow counter); the eviction of a protected key in ``_new`` is the bound's backstop
+    for a caller that does not, and it must hold: one out, one in, counted."""
+    storage = BoundedMemoryStorage(clock=clock, max_keys=2)
+    assert storage.acquire_moving("light", 4, 60)[0]
+    for key in "ab":
+        assert storage.acquire_moving(key, 1, 60)[0]  # at the limit: protected
+    assert storage.evicted == 1  # "light" made room for "b"
+    storage._get_record("c", clock.wall())
+    assert (len(storage), storage.evicted, storage.overflowed) == (2, 2, 0)
+    assert storage.moving_window("a", 60)[1] == 0  # the least recently used went
+    assert storage.moving_window("b", 60)[1] == 1
