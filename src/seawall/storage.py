@@ -76,8 +76,7 @@ class _Record:
     The timestamps are a plain sorted list, not a deque: a deque allocates a 64-slot block
     (~600 bytes) even for one entry, and a flood of one-request clients is the common case.
     ``expires`` is when the record holds nothing any more (for the token bucket it is the
-    theoretical arrival time itself); ``start`` is a fixed window's start; ``tier`` is the
-    eviction tier.
+    theoretical arrival time itself); ``tier`` is the eviction tier.
     """
 
     __slots__ = ("count", "events", "expires", "previous", "start", "tier")
@@ -86,7 +85,7 @@ class _Record:
         self.count = 0
         self.previous = 0
         self.expires = 0.0
-        self.start = 0.0
+        self.start = -inf  # no window: a sliding record rolls into its first one
         self.events: list[float] | None = None
         self.tier = LIGHT
 
@@ -238,7 +237,6 @@ class BoundedMemoryStorage(Storage, MovingWindowSupport, SlidingWindowCounterSup
         rec = self._touch(key, now)
         if rec.expires <= now:
             rec.count = 0
-            rec.start = now
             rec.expires = now + expiry
         rec.count += amount
         self._retier(key, rec, rec.count, 0)
@@ -449,7 +447,6 @@ class BoundedMemoryStorage(Storage, MovingWindowSupport, SlidingWindowCounterSup
         rec = self._get_record(key, now)
         if rec.expires <= now:
             rec.count = 0
-            rec.start = now
             rec.expires = now + expiry
         rec.count += cost
         self._retier(key, rec, rec.count, limit)
