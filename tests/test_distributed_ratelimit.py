@@ -216,7 +216,7 @@ async def test_limits_redis_storage_shortfall_wrongtype(redis_url: str) -> None:
     strategy=st.sampled_from(STRATEGIES),
     limit=st.sampled_from(["3/10second", "5/minute", "2/15second;4/minute", "7/minute"]),
     steps=st.lists(
-        st.tuples(st.integers(0, 80), st.integers(1, 2)),  # (eighths of a second, cost)
+        st.tuples(st.integers(0, 80), st.integers(1, 8)),  # (eighths of a second, cost)
         min_size=1,
         max_size=25,
     ),

@@ -502,3 +502,19 @@ async def test_seawalls_counters_in_a_callers_limits_store_stay_apart_from_its_o
     )
     got = [await limiter.hit(("ip:1",)) for _ in range(3)]
     assert [(d.admitted, d.remaining) for d in got] == [(True, 1), (True, 0), (False, 0)]
+
+
+@pytest.mark.parametrize(
+    "strategy", ["fixed-window", "moving-window", "sliding-window-counter", "token-bucket"]
+)
+def test_a_cost_above_the_whole_limit_is_refused_with_a_wait_of_a_window(
+    clock: ManualClock, strategy: str
+) -> None:
+    """Such a request can never go; every strategy says so with a non-zero wait (the
+    sliding window said 0 on an empty window: a client told to retry at once, forever)."""
+    policy = RateLimitPolicy(limit="4/minute", strategy=strategy)  # type: ignore[arg-type]
+    limiter = RateLimiter(policy, clock=clock, events=EventBus())
+    refused = limiter.hit_now(("ip:1",), 5)
+    assert not refused.admitted and refused.retry_after > 0
+    if strategy != "token-bucket":  # a bucket says when it would hold 5 tokens: never
+        assert refused.retry_after == 60

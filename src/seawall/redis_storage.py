@@ -164,6 +164,9 @@ end
 for i = 1, n do
   local limit, window = tonumber(ARGV[1 + 2 * i]), tonumber(ARGV[2 + 2 * i])
   local idx, c, p, weighted, prev_ttl = state(KEYS[i], window)
+  if cost > limit then  -- never admitted: the whole window, as the memory storage says
+    return {0, i, math.max(0, limit - math.floor(weighted)), ms(window)}
+  end
   if math.floor(weighted) + cost > limit then
     return {0, i, math.max(0, limit - math.floor(weighted)), reset(c, p, window, prev_ttl)}
   end

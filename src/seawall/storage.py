@@ -483,6 +483,8 @@ class BoundedMemoryStorage(Storage, MovingWindowSupport, SlidingWindowCounterSup
         self, key: str, limit: int, expiry: float, cost: int, now: float
     ) -> tuple[bool, RateState]:
         weighted, state = self._sliding_state(key, limit, expiry, now)
+        if cost > limit:  # never admitted: say the whole window, as fixed and moving do
+            return False, (state[0], expiry)
         return floor(weighted) + cost <= limit, state
 
     def _sliding_hit(self, key: str, limit: int, expiry: float, cost: int, now: float) -> RateState:
