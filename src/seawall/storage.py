@@ -56,7 +56,7 @@ STRATEGY_NAMES: tuple[str, ...] = (
 # before their window ends.
 LIGHT, MIDDLE, PROTECTED, OVERFLOW = 0, 1, 2, 3
 _OVERFLOW_PREFIX = "\x00overflow/"  # no client key starts with a NUL byte
-_SLIDING = "\x00sliding"  # a sliding window's record: its key, and this
+_SLIDING = "\x00sliding"  # appended to a key: its sliding window's one record (both windows)
 
 
 def _tier(used: float, limit: int) -> int:
