@@ -97,6 +97,8 @@ class Reference:
 
     def _sliding(self, key: str, limit: int, w: F, cost: int, now: F) -> tuple[bool, Any]:
         weighted, state = self._sliding_state(key, limit, w, now)
+        if cost > limit:  # can never go: the whole window
+            return False, (state[0], w)
         return floor(weighted) + cost <= limit, state
 
     def _sliding_hit(self, key: str, limit: int, w: F, cost: int, now: F) -> Any:

@@ -391,11 +391,11 @@ class RateLimiter:
         if len(entries) > 1:
             for entry, (rule_name, key) in zip(entries, ids, strict=True):
                 if not await strategy.test(entry.item, rule_name, key, cost=cost):
-                    return await self._stats(entry, rule_name, key, False)
+                    return await self._stats(entry, rule_name, key, False, cost)
         best: Decision | None = None
         for entry, (rule_name, key) in zip(entries, ids, strict=True):
             ok = await strategy.hit(entry.item, rule_name, key, cost=cost)
-            decision = await self._stats(entry, rule_name, key, ok)
+            decision = await self._stats(entry, rule_name, key, ok, cost)
             if not ok:
                 return decision
             if best is None or decision.remaining < best.remaining:
@@ -403,11 +403,15 @@ class RateLimiter:
         assert best is not None
         return best
 
-    async def _stats(self, entry: _Entry, rule_name: str, key: str, ok: bool) -> Decision:
+    async def _stats(
+        self, entry: _Entry, rule_name: str, key: str, ok: bool, cost: int
+    ) -> Decision:
         strategy = self.strategy
         assert strategy is not None
         if self._sliding:
             reset_after, remaining = await self._sliding_stats(entry, rule_name, key)
+            if not ok and cost > entry.amount:  # never admitted: the window, as on memory
+                reset_after = float(entry.expiry)
         else:
             stats = await strategy.get_window_stats(entry.item, rule_name, key)
             reset_after = max(0.0, float(stats.reset_time) - self.clock.wall())
