@@ -86,6 +86,7 @@ async def test_a_limits_store_counts_the_sliding_window_like_seawalls_memory(
         (39.5, "a", 1, (True, 1, 0.5)),  # half a second before it ends
         (5.5, "a", 1, (True, 1, 15.0)),  # 3 of the previous window weigh 2.75; 55 % 20 s
         (0.0, "a", 2, (False, 1, 15.0)),  # refused: the same wait
+        (0.0, "a", 4, (False, 1, 15.0)),  # the whole rate: it may go once the counts age
         (0.0, "z", 5, (False, 4, 60.0)),  # more than the whole rate: never, say the window
         (70.0, "a", 1, (True, 3, 45.0)),
         (0.0, "a", 3, (True, 0, 45.0)),
