@@ -32,6 +32,7 @@ from limits import RateLimitItem
 from limits.aio.storage import SlidingWindowCounterSupport, Storage
 from limits.aio.strategies import STRATEGIES
 from limits.aio.strategies import RateLimiter as LimitsRateLimiter
+from mypy_extensions import mypyc_attr
 
 from seawall.breaker import CircuitBreaker, CircuitOpenError, Outcome
 from seawall.clock import SYSTEM_CLOCK, Clock
@@ -56,6 +57,7 @@ QUEUE_TIMEOUT_FACTOR = 4
 """A burst waits at most this many storage timeouts for a free Redis connection."""
 
 
+@mypyc_attr(native_class=False)  # an Event: a slotted dataclass, built only for listeners
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RateLimitAdmitted(Event):
     """A request fit every rate (built only when somebody listens)."""
@@ -67,6 +69,7 @@ class RateLimitAdmitted(Event):
     remaining: int
 
 
+@mypyc_attr(native_class=False)  # an Event: a slotted dataclass, built only for listeners
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RateLimited(Event):
     """A request was refused by ``rule`` (the first rate it did not fit)."""
@@ -80,6 +83,7 @@ class RateLimited(Event):
     retry_after: float
 
 
+@mypyc_attr(native_class=False)  # an Event: a slotted dataclass, built only for listeners
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RateLimitStorageFailed(Event):
     """The counter storage failed; ``fail_open`` says whether the request was admitted."""

@@ -23,6 +23,8 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import ClassVar
 
+from mypy_extensions import mypyc_attr
+
 from seawall.clock import SYSTEM_CLOCK, Clock
 from seawall.events import DEFAULT_BUS, Event, EventBus
 from seawall.policy.shed import ShedPolicy
@@ -51,6 +53,7 @@ __all__ = [
 ]
 
 
+@mypyc_attr(native_class=False)  # an Event: a slotted dataclass, built only for listeners
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RequestShed(Event):
     """A request was refused: ``queue_full``, ``expired``, ``displaced`` or ``streams``."""
@@ -61,6 +64,7 @@ class RequestShed(Event):
     retry_after: float
 
 
+@mypyc_attr(native_class=False)  # an Event: a slotted dataclass, built only for listeners
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ConcurrencyLimitChanged(Event):
     """The effective concurrency limit moved (one controller update)."""
@@ -70,7 +74,7 @@ class ConcurrencyLimitChanged(Event):
     new: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)  # no slots: a compiled class has none to add
 class Rejection:
     """The answer for a shed request; ``retry_after`` seconds is never below the policy floor."""
 

@@ -167,6 +167,11 @@ class _Exchange:
     async def lookup(self) -> Hit | None:
         return await self.cache.lookup(self.info, self.key)
 
+    async def drop_recording(self) -> None:
+        """Abort a recording the response did not finish (the app failed or was cancelled)."""
+        if self.recorder is not None and not self.recorder.done:
+            await self.recorder.abort()
+
 
 class FallbackCacheMiddleware:
     """Record artifact responses; serve them when the app fails or is shed.
@@ -263,8 +268,10 @@ class FallbackCacheMiddleware:
         ex = _Exchange(scope, cache, self._keys)
         if cache.clock.now() < self._shedding_until and ex.key.digest is not None:
             hit = await ex.lookup()  # verified against its digest before serving
-            served = hit is not None and hit.immutable and await self._serve(
-                send, hit, head, "overloaded"
+            served = (
+                hit is not None
+                and hit.immutable
+                and await self._serve(send, hit, head, "overloaded")
             )
             if served:
                 return  # else: no copy, or it went away since its lookup: ask the app
@@ -313,21 +320,29 @@ class FallbackCacheMiddleware:
                 await rec.abort()
             await send(message)
 
+        # An unfinished recording is dropped on every way out. Not from a ``finally:``: in
+        # the compiled build an ``await`` there is a known hazard (docs/design.md).
         try:
             await self.app(scope, receive, send_wrapper)
-        except Exception:
-            if ex.answered:
-                return  # already answered from the cache; the app's late failure is moot
-            if not ex.started:
-                hit = await ex.lookup()
-                if (
-                    hit is not None
-                    and hit.usable_on_error
-                    and await self._serve(send, hit, head, "app raised")
-                ):
-                    ex.answered = True
-                    return
+        except BaseException as exc:
+            await ex.drop_recording()
+            if isinstance(exc, Exception) and await self._answer_failure(ex, send, head):
+                return
             raise
-        finally:
-            if ex.recorder is not None and not ex.recorder.done:
-                await ex.recorder.abort()
+        await ex.drop_recording()
+
+    async def _answer_failure(self, ex: _Exchange, send: Send, head: bool) -> bool:
+        """Whether the client has its answer from the cache although the app raised."""
+        if ex.answered:
+            return True  # already answered from the cache; the app's late failure is moot
+        if ex.started:
+            return False
+        hit = await ex.lookup()
+        if (
+            hit is not None
+            and hit.usable_on_error
+            and await self._serve(send, hit, head, "app raised")
+        ):
+            ex.answered = True
+            return True
+        return False

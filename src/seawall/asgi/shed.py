@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from mypy_extensions import mypyc_attr
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from seawall.asgi._http import header_map, retry_after_seconds, send_problem
@@ -49,6 +50,7 @@ _READS = frozenset({"GET", "HEAD"})
 _OCI_REPOSITORY = re.compile(r"^/v2/(.+?)/(?:manifests|blobs|tags)/")
 
 
+@mypyc_attr(native_class=False)  # an Event: a slotted dataclass, built only for listeners
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RequestBodyStalled(Event):
     """A request body sent nothing for ``seconds``: the app got a disconnect, the client 408."""
@@ -58,7 +60,7 @@ class RequestBodyStalled(Event):
     seconds: float
 
 
-@dataclass(slots=True)
+@dataclass  # no slots: a compiled class has none to add
 class _Request:
     """What admission needs from the request line and headers (read once)."""
 
@@ -286,7 +288,7 @@ class LoadShedMiddleware:
         kept: deque[Message] = deque()
         watch: asyncio.Future[Message] | None = None
         watching = True
-        cancelled_while_tidying = False
+        left = False
         try:
             while not fut.done():
                 if watching and watch is None:
@@ -303,8 +305,8 @@ class LoadShedMiddleware:
                     message = watch.result()
                     watch = None
                     if message["type"] == "http.disconnect":
-                        limiter.cancel(waiter)
-                        return None, receive
+                        left = True
+                        break
                     kept.append(message)
                     if message.get("more_body", False):
                         watching = False
@@ -312,23 +314,13 @@ class LoadShedMiddleware:
                     limiter.expire(waiter)
         except BaseException:
             limiter.cancel(waiter)
+            await _stop_watching(watch, kept)
             raise
-        finally:
-            if watch is not None:
-                if watch.done():
-                    if not watch.cancelled() and watch.exception() is None:
-                        kept.append(watch.result())
-                else:
-                    watch.cancel()
-                    try:
-                        await watch
-                    except asyncio.CancelledError:
-                        task = asyncio.current_task()
-                        # the request itself was cancelled while the watch wound down
-                        cancelled_while_tidying = task is not None and task.cancelling() > 0
-                    except Exception:  # the server's receive failed; the app will see it
-                        pass
-        if cancelled_while_tidying:  # only reached when the wait itself ended normally
+        if left:
+            limiter.cancel(waiter)
+            return None, receive
+        # only reached when the wait itself ended normally: a slot was handed over
+        if await _stop_watching(watch, kept):
             limiter.cancel(waiter)  # gives back the slot it was handed, exactly once
             raise asyncio.CancelledError
         result = fut.result()
@@ -497,6 +489,30 @@ async def _within(
         return got.result()
     got.cancel()
     return None
+
+
+async def _stop_watching(watch: asyncio.Future[Message] | None, kept: deque[Message]) -> bool:
+    """Keep what the watch received, or cancel it and let it wind down.
+
+    True when the request itself was cancelled while the watch wound down. Called after
+    the ``try``, never from a ``finally:``: compiled by mypyc 2.4.1, the ``await`` below
+    in a ``finally:`` let a caught CancelledError escape a normal return (docs/design.md).
+    """
+    if watch is None:
+        return False
+    if watch.done():
+        if not watch.cancelled() and watch.exception() is None:
+            kept.append(watch.result())
+        return False
+    watch.cancel()
+    try:
+        await watch
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        return task is not None and task.cancelling() > 0
+    except Exception:  # the server's receive failed; the app will see it
+        pass
+    return False
 
 
 def _replaying(kept: deque[Message], receive: Receive) -> Receive:
