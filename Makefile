@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: demo test lint typecheck bench docs clean unasync servers mutate
+.PHONY: demo test lint typecheck bench docs clean unasync servers mutate compiled test-compiled
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,26 @@ test: $(STAMP) servers
 	$(BIN)/mypy
 	$(MAKE) --no-print-directory docs
 	SEAWALL_RUN_SLOW=1 $(BIN)/python -m pytest -q
+
+# The optional compiled build (docs/design.md, "The compiled build"): mypyc compiles the
+# server stack's hot path; the wheel is built from its sdist, as a release would be, and
+# unpacked into build/compiled/site. `make test-compiled` runs the suite on it (CI does,
+# after `make test`); `PYTHONPATH=build/compiled/site` runs anything else on it.
+COMPILED := build/compiled
+COMPILED_STAMP := $(COMPILED)/.built
+
+$(COMPILED_STAMP): pyproject.toml $(shell find src -name '*.py') | $(STAMP)
+	rm -rf $(COMPILED) && mkdir -p $(COMPILED)
+	HATCH_BUILD_HOOK_ENABLE_MYPYC=1 $(BIN)/python -m build --outdir $(COMPILED)/dist . \
+	  >$(COMPILED)/build.log 2>&1 || { tail -40 $(COMPILED)/build.log; exit 1; }
+	$(BIN)/python -m pip install --quiet --no-deps --target $(COMPILED)/site $(COMPILED)/dist/*.whl
+	touch $@
+
+compiled: $(COMPILED_STAMP)
+
+test-compiled: $(COMPILED_STAMP) servers
+	SEAWALL_EXPECT_COMPILED=1 SEAWALL_RUN_SLOW=1 PYTHONPATH=$(CURDIR)/$(COMPILED)/site \
+	  $(BIN)/python -m pytest -q -p no:cacheprovider
 
 # Mutation testing of the decision cores (docs/mutation.md); not part of `make test`.
 # Which files are mutated and which tests judge them: [tool.mutmut] in pyproject.toml.

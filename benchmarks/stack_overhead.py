@@ -26,8 +26,11 @@ a subprocess on loopback and reads the **server process's CPU time** per request
 keep-alive client pulls the blob: what the server spends, unaffected by the client's cost
 or by other load on the machine.
 
-    .venv/bin/python benchmarks/stack_overhead.py            # ~1 minute
+    .venv/bin/python benchmarks/stack_overhead.py            # ~2 minutes
     .venv/bin/python benchmarks/stack_overhead.py --quick    # a few seconds, in process only
+    make compiled && .venv/bin/python benchmarks/stack_overhead.py --compiled   # the mypyc build
+
+Each run says which build it measured (``seawall --version`` says the same).
 
 Goals (issue 16): the stack adds <= 10 µs p50 over bare for small bodies, and <= 5% over
 bare for a 1 MiB blob that is already stored.
@@ -38,6 +41,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import os
 import socket
 import statistics
 import subprocess
@@ -68,6 +72,7 @@ from seawall import (
     RateLimitMiddleware,
     RateLimitPolicy,
 )
+from seawall.cli import compiled_modules
 
 LIMIT = "1000000/minute"  # never refuses: what is measured is the cost of asking
 REQUESTS_PER_CLIENT = 50  # a CI step: a manifest and its layers, from one runner
@@ -294,6 +299,20 @@ async def run_only(variant: str, n: int) -> None:
     await variants(b"x" * 100)[variant](0, n)
 
 
+def _rerun_compiled() -> int:
+    """This bench again, importing seawall from the compiled build (the --http server too)."""
+    site = Path(__file__).resolve().parents[1] / "build" / "compiled" / "site"
+    if not (site / "seawall").is_dir():
+        print(f"no compiled build in {site}: run `make compiled` first", file=sys.stderr)
+        return 2
+    argv = [a for a in sys.argv[1:] if a != "--compiled"]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
+    }
+    return subprocess.call([sys.executable, __file__, *argv], env=env)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -304,7 +323,18 @@ def main() -> None:
         metavar=("VARIANT", "N"),
         help="run N requests of one variant (e.g. 'stack stored' 3000) under valgrind",
     )
+    parser.add_argument(
+        "--compiled",
+        action="store_true",
+        help="measure the compiled build in build/compiled/site (make compiled)",
+    )
     args = parser.parse_args()
+    if args.compiled:
+        sys.exit(_rerun_compiled())
+    compiled = compiled_modules()
+    Console().print(
+        f"build measured: {', '.join(compiled) + ' compiled' if compiled else 'pure Python'}"
+    )
     if args.only:
         asyncio.run(run_only(args.only[0], int(args.only[1])))
         return

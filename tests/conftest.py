@@ -21,6 +21,27 @@ from seawall.clock import ManualClock
 settings.register_profile("mutate", derandomize=True, database=None, deadline=None)
 settings.load_profile(os.environ.get("SEAWALL_HYPOTHESIS_PROFILE", "default"))
 
+
+def _compiled_modules_missing() -> list[str]:
+    """The modules the compiled build lists ([tool.hatch...mypyc] include) that import as .py."""
+    import importlib
+    import tomllib
+    from pathlib import Path
+
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    hook = tomllib.loads(pyproject.read_text())["tool"]["hatch"]["build"]["targets"]["wheel"]
+    missing = []
+    for path in hook["hooks"]["mypyc"]["include"]:
+        name = path.removeprefix("src/").removesuffix(".py").replace("/", ".")
+        if str(importlib.import_module(name).__file__).endswith(".py"):
+            missing.append(name)
+    return missing
+
+
+# `make test-compiled`: a suite that silently ran on the .py files would prove nothing.
+if os.environ.get("SEAWALL_EXPECT_COMPILED") == "1" and (_missing := _compiled_modules_missing()):
+    raise pytest.UsageError(f"SEAWALL_EXPECT_COMPILED=1 but these import as Python: {_missing}")
+
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 REQUIRE_REDIS = os.environ.get("SEAWALL_REQUIRE_REDIS") == "1"
 

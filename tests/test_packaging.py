@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from importlib.metadata import metadata
 from pathlib import Path
@@ -9,14 +10,30 @@ from pathlib import Path
 import pytest
 
 import seawall
-from seawall.cli import main
+from seawall.cli import compiled_modules, main
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_version_flag(capsys: pytest.CaptureFixture[str]) -> None:
+def test_version_flag_says_which_build_runs(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--version"]) == 0
-    assert capsys.readouterr().out.strip() == f"seawall {seawall.__version__}"
+    out = capsys.readouterr().out.strip()
+    if os.environ.get("SEAWALL_EXPECT_COMPILED") == "1":  # `make test-compiled`
+        assert compiled_modules() == sorted(
+            [
+                "seawall.asgi._http",
+                "seawall.asgi.cache",
+                "seawall.asgi.ratelimit",
+                "seawall.asgi.shed",
+                "seawall.lru",
+                "seawall.ratelimit",
+                "seawall.shed",
+            ]
+        )
+        assert out == f"seawall {seawall.__version__} (7 modules compiled)"
+    else:
+        assert compiled_modules() == []
+        assert out == f"seawall {seawall.__version__} (pure Python)"
 
 
 def test_installed_metadata_matches_the_package() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -218,7 +219,26 @@ def _replay(args: argparse.Namespace) -> int:
 def _version() -> str:
     from seawall import __version__
 
-    return f"seawall {__version__}"
+    compiled = compiled_modules()
+    build = f"{len(compiled)} modules compiled" if compiled else "pure Python"
+    return f"seawall {__version__} ({build})"
+
+
+def compiled_modules() -> list[str]:
+    """The seawall modules that load from C extensions: the compiled build (docs/design.md).
+
+    An extension module beside its ``.py`` is what Python imports, so the files say it.
+    """
+    import seawall
+
+    root = Path(seawall.__file__).parent
+    found = []
+    for path in root.rglob("*"):
+        suffix = next((s for s in EXTENSION_SUFFIXES if path.name.endswith(s)), None)
+        if suffix is not None:
+            parts = path.relative_to(root.parent).parts
+            found.append(".".join(parts)[: -len(suffix)])
+    return sorted(found)
 
 
 def _print_error(message: str, console: Console | None = None) -> None:
