@@ -194,8 +194,9 @@ async def main_async(quick: bool) -> None:
         f"({'MET' if added_small['stack stored'] <= 10 else 'NOT MET'})"
     )
     console.print(
-        f"goal: stack <= 1.05 x bare for a stored 1 MiB blob: {stored_big:.3f} "
-        f"(bare {bare_big * 1e6:.0f} µs; {'MET' if stored_big <= 1.05 else 'NOT MET'})"
+        f"in process, a stored 1 MiB blob: stack {stored_big:.3f} x bare (bare {bare_big * 1e6:.0f}"
+        " µs: one prebuilt message, so the bytes cost nothing here; the goal is judged over"
+        " loopback, --http)"
     )
 
 
@@ -262,8 +263,10 @@ def http_server_cpu(
                 raise RuntimeError(f"the {variant} server did not answer")
             servers[variant] = (proc, client, psutil.Process(proc.pid))
         out: dict[str, list[float]] = {v: [] for v in servers}
-        for _ in range(rounds):
-            for variant, (_, client, ps) in servers.items():
+        order = list(servers)
+        for r in range(rounds):  # each round starts with the next variant: no seat is better
+            for variant in order[r % len(order) :] + order[: r % len(order)]:
+                _, client, ps = servers[variant]
                 before = _cpu(ps)
                 for _ in range(n):
                     r = client.get(path)
@@ -278,13 +281,17 @@ def http_server_cpu(
 
 
 def report_http(console: Console, quick: bool) -> None:
-    variants = ("bare", "+ratelimit", "+shed", "+cache", "stack")
+    # "bare again" is a second bare server: what two identical processes differ by (where
+    # a 1 MiB body lands in memory, how the client's reads pace the server's writes) is
+    # the resolution of this table, shown beside what the layers add.
+    variants = ("bare", "bare again", "+ratelimit", "+shed", "+cache", "stack")
     table = Table(title="over loopback (uvicorn): server CPU µs per request, median of rounds")
     for col in ("variant", "100 B", "added", "x bare", "1 MiB", "added", "x bare"):
         table.add_column(col, justify="right" if col != "variant" else "left")
     cells: dict[str, list[str]] = {v: [] for v in variants}
-    for size, n in ((100, 2000), (1 << 20, 1000)):
-        samples = http_server_cpu(size, n, 3 if quick else 7, variants)
+    rounds = len(variants) * (1 if quick else 2)  # every variant takes every seat
+    for size, n in ((100, 1000), (1 << 20, 500)):
+        samples = http_server_cpu(size, n, rounds, variants)
         bare = statistics.median(samples["bare"]) * 1e6
         for v in variants:
             us = statistics.median(samples[v]) * 1e6
@@ -292,6 +299,11 @@ def report_http(console: Console, quick: bool) -> None:
     for v in variants:
         table.add_row(v, *cells[v])
     console.print(table)
+    stack, control = (float(cells[v][5]) for v in ("stack", "bare again"))
+    console.print(
+        f"goal: stack <= 1.05 x bare for a stored 1 MiB blob, over loopback: {stack:.3f} "
+        f"({'MET' if stack <= 1.05 else 'NOT MET'}; a second bare server: {control:.3f})"
+    )
 
 
 async def run_only(variant: str, n: int) -> None:
