@@ -40,7 +40,7 @@ test: $(STAMP) servers
 COMPILED := build/compiled
 COMPILED_STAMP := $(COMPILED)/.built
 
-$(COMPILED_STAMP): pyproject.toml $(shell find src -name '*.py') | $(STAMP)
+$(COMPILED_STAMP): pyproject.toml $(shell find src -type f ! -path '*/__pycache__/*') | $(STAMP)
 	rm -rf $(COMPILED) && mkdir -p $(COMPILED)
 	HATCH_BUILD_HOOK_ENABLE_MYPYC=1 $(BIN)/python -m build --outdir $(COMPILED)/dist . \
 	  >$(COMPILED)/build.log 2>&1 || { tail -40 $(COMPILED)/build.log; exit 1; }

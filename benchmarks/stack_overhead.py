@@ -264,8 +264,9 @@ def http_server_cpu(
             servers[variant] = (proc, client, psutil.Process(proc.pid))
         out: dict[str, list[float]] = {v: [] for v in servers}
         order = list(servers)
-        for r in range(rounds):  # each round starts with the next variant: no seat is better
-            for variant in order[r % len(order) :] + order[: r % len(order)]:
+        for round_ in range(rounds):  # each round starts with the next variant: no best seat
+            first = round_ % len(order)
+            for variant in order[first:] + order[:first]:
                 _, client, ps = servers[variant]
                 before = _cpu(ps)
                 for _ in range(n):

@@ -235,9 +235,10 @@ def compiled_modules() -> list[str]:
     found = []
     for path in root.rglob("*"):
         suffix = next((s for s in EXTENSION_SUFFIXES if path.name.endswith(s)), None)
-        if suffix is not None:
-            parts = path.relative_to(root.parent).parts
-            found.append(".".join(parts)[: -len(suffix)])
+        stem = path.name[: -len(suffix)] if suffix else ""
+        if stem and "." not in stem:  # not one built for another Python (x.cpython-312-...so)
+            parts = [*path.relative_to(root.parent).parent.parts, stem]
+            found.append(".".join(parts[:-1] if stem == "__init__" else parts))
     return sorted(found)
 
 

@@ -74,7 +74,7 @@ class ConcurrencyLimitChanged(Event):
     new: int
 
 
-@dataclass(frozen=True)  # no slots: a compiled class has none to add
+@dataclass(frozen=True)  # no slots=True: mypyc rejects it (compiled fields are fixed anyway)
 class Rejection:
     """The answer for a shed request; ``retry_after`` seconds is never below the policy floor."""
 

@@ -60,7 +60,7 @@ class RequestBodyStalled(Event):
     seconds: float
 
 
-@dataclass  # no slots: a compiled class has none to add
+@dataclass  # no slots=True: mypyc rejects it (a compiled class's fields are fixed anyway)
 class _Request:
     """What admission needs from the request line and headers (read once)."""
 
@@ -495,8 +495,9 @@ async def _stop_watching(watch: asyncio.Future[Message] | None, kept: deque[Mess
     """Keep what the watch received, or cancel it and let it wind down.
 
     True when the request itself was cancelled while the watch wound down. Called after
-    the ``try``, never from a ``finally:``: compiled by mypyc 2.4.1, the ``await`` below
-    in a ``finally:`` let a caught CancelledError escape a normal return (docs/design.md).
+    the ``try`` and from its ``except``, never from a ``finally:``: compiled by mypyc
+    2.4.1, the ``await`` below in a ``finally:`` let a caught CancelledError escape a
+    normal return (docs/design.md).
     """
     if watch is None:
         return False
