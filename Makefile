@@ -29,6 +29,7 @@ servers:
 test: $(STAMP) servers
 	$(BIN)/python scripts/generate_sync.py --check
 	$(BIN)/ruff check src tests benchmarks examples scripts
+	$(BIN)/ruff format --check --quiet src tests benchmarks examples scripts
 	$(BIN)/mypy
 	$(MAKE) --no-print-directory docs
 	SEAWALL_RUN_SLOW=1 $(BIN)/python -m pytest -q

@@ -132,9 +132,7 @@ def make_wheel(directory: Path, name: str, version: str, payload: bytes = b"") -
     module = f"{name}.py"
     files = {
         module: b"VERSION = %r\nPAYLOAD = %r\n" % (version, payload),
-        f"{dist}/METADATA": (
-            f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode()
-        ),
+        f"{dist}/METADATA": (f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode()),
         f"{dist}/WHEEL": b"Wheel-Version: 1.0\nGenerator: seawall-tests\nRoot-Is-Purelib: true\n"
         b"Tag: py3-none-any\n",
     }

@@ -682,8 +682,16 @@ def test_a_whole_cycle_is_told_by_its_state_changes() -> None:
         breaker.record(p, Outcome.SUCCESS, 0.1)
     changes = [e for e in seen if isinstance(e, BreakerStateChanged)]
 
-    def change(at: float, old: str, new: str, gen: int, fr: float, sr: float, why: str,
-               open_for: float | None = None) -> BreakerStateChanged:
+    def change(
+        at: float,
+        old: str,
+        new: str,
+        gen: int,
+        fr: float,
+        sr: float,
+        why: str,
+        open_for: float | None = None,
+    ) -> BreakerStateChanged:
         return BreakerStateChanged(
             at=at, breaker="up", old=BreakerState(old), new=BreakerState(new), generation=gen,
             failure_rate=fr, slow_rate=sr, reason=why, open_for=open_for,

@@ -239,9 +239,9 @@ def test_a_blob_is_cached_exactly_when_its_bytes_hash_to_its_verifiable_digest(
     bytes hash to it; anything else is never kept (no unverified `hit`)."""
     if honest and algorithm in ("sha256", "sha512"):
         value = hashlib.new(algorithm, body).hexdigest()
-    verifiable = algorithm in ("sha256", "sha512") and value == hashlib.new(
-        algorithm, body
-    ).hexdigest()
+    verifiable = (
+        algorithm in ("sha256", "sha512") and value == hashlib.new(algorithm, body).hexdigest()
+    )
     cache = FallbackCache(clock=ManualClock())
     stored, served = asyncio.run(_record_and_read(cache, _blob_url(algorithm, value), body))
     assert stored is verifiable
@@ -280,9 +280,7 @@ def test_a_redirected_blob_is_kept_under_its_digest_and_no_signed_url_reaches_di
         server.play(Answer(503))
         again = session.get(url, headers={"authorization": "Bearer registry-token"})
         assert again.content == layer and again.headers["x-seawall-cache"] == "verified"
-    on_disk = b"".join(
-        p.read_bytes() for p in (tmp_path / "cache").rglob("*") if p.is_file()
-    )
+    on_disk = b"".join(p.read_bytes() for p in (tmp_path / "cache").rglob("*") if p.is_file())
     for secret in (b"s3cr3tsig", b"AKIAEXAMPLE", b"registry-token", b"tok&", b"=tok"):
         assert secret not in on_disk
 

@@ -28,9 +28,7 @@ from seawall.events import Event, EventBus
 from seawall.policy.cache import CachePolicy
 
 
-def put(
-    store: Store, key: str, chunks: list[bytes], meta: dict[str, object] | None = None
-) -> bool:
+def put(store: Store, key: str, chunks: list[bytes], meta: dict[str, object] | None = None) -> bool:
     writer = store.open_writer(key)
     for chunk in chunks:
         if writer.write(chunk):

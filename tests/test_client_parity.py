@@ -419,33 +419,37 @@ def _check_expectations(s: Situation, t: Trace) -> None:
     outcomes = [r.outcome for r in t.results]
     expected: dict[str, Callable[[], bool]] = {
         "success": lambda: outcomes == ["200"] and len(t.seen) == 1,
-        "shed 503 then ok": lambda: outcomes == ["200"]
-        and len(t.seen) == 2
-        and t.breaker == (BreakerState.CLOSED, 1, 0.0)  # the shed answer is neutral
-        and t.slept == [1.0],
-        "unmarked 503 then ok": lambda: outcomes == ["200"]
-        and len(t.seen) == 2
-        and t.breaker == (BreakerState.CLOSED, 2, 0.5),
+        "shed 503 then ok": lambda: (
+            outcomes == ["200"]
+            and len(t.seen) == 2
+            and t.breaker == (BreakerState.CLOSED, 1, 0.0)  # the shed answer is neutral
+            and t.slept == [1.0]
+        ),
+        "unmarked 503 then ok": lambda: (
+            outcomes == ["200"] and len(t.seen) == 2 and t.breaker == (BreakerState.CLOSED, 2, 0.5)
+        ),
         "429 with Retry-After": lambda: outcomes == ["200"] and t.slept == [2.0],
         "404 is final": lambda: outcomes == ["404"] and len(t.seen) == 1,
-        "connection refused": lambda: outcomes == ["connect"]
-        and names.count("client.attempt_started") == 3,
+        "connection refused": lambda: (
+            outcomes == ["connect"] and names.count("client.attempt_started") == 3
+        ),
         "attempt timeout": lambda: outcomes == ["200"] and len(t.seen) == 2,
         "POST 503 is final": lambda: outcomes == ["503"] and len(t.seen) == 1,
-        "POST refused is sent again": lambda: outcomes == ["200"]
-        and [m for m, _ in t.seen] == ["POST", "POST"],
+        "POST refused is sent again": lambda: (
+            outcomes == ["200"] and [m for m, _ in t.seen] == ["POST", "POST"]
+        ),
         "POST with an idempotency key": lambda: outcomes == ["200"] and len(t.seen) == 2,
         "streamed body": lambda: outcomes == ["200"] and t.results[0].body_len == len(BIG),
         "breaker opens": lambda: outcomes == ["500", "500", "500", "open"] and len(t.seen) == 3,
-        "budget spent": lambda: outcomes == ["503"]
-        and len(t.seen) == 1
-        and "retry.budget_exhausted" in names,
-        "cache: stale when the upstream fails": lambda: outcomes == ["200", "200"]
-        and t.results[1].cache == "stale"
-        and len(t.seen) == 2,
-        "cache: fresh hit asks nobody": lambda: outcomes == ["200", "200"]
-        and t.results[1].cache == "hit"
-        and len(t.seen) == 1,
+        "budget spent": lambda: (
+            outcomes == ["503"] and len(t.seen) == 1 and "retry.budget_exhausted" in names
+        ),
+        "cache: stale when the upstream fails": lambda: (
+            outcomes == ["200", "200"] and t.results[1].cache == "stale" and len(t.seen) == 2
+        ),
+        "cache: fresh hit asks nobody": lambda: (
+            outcomes == ["200", "200"] and t.results[1].cache == "hit" and len(t.seen) == 1
+        ),
     }
     assert expected[s.name](), f"{s.name}: {outcomes} {t.seen} {names} {t.slept}"
 

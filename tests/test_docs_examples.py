@@ -27,8 +27,7 @@ FENCE = re.compile(r"^```(\w*)\s*$")
 
 # Blocks of pages other helpers are editing, failing when this test landed: the lead
 # fixes them after merging (an entry that starts passing fails here: remove it then).
-KNOWN_FAILING: dict[str, str] = {
-}
+KNOWN_FAILING: dict[str, str] = {}
 
 DRIVER = """
 import asyncio, runpy, sys

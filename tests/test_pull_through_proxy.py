@@ -15,9 +15,23 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "pull_through_proxy
 def pip_install(index: str, target: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [
-            sys.executable, "-m", "pip", "install", "--quiet", "--no-cache-dir",
-            "--disable-pip-version-check", "--no-deps", "--retries", "0", "--timeout", "20",
-            "--index-url", index, "--target", str(target), "demo",
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-cache-dir",
+            "--disable-pip-version-check",
+            "--no-deps",
+            "--retries",
+            "0",
+            "--timeout",
+            "20",
+            "--index-url",
+            index,
+            "--target",
+            str(target),
+            "demo",
         ],
         capture_output=True,
         text=True,
@@ -31,8 +45,14 @@ def test_pip_installs_through_the_proxy_while_the_index_is_down(tmp_path: Path) 
         port = _free_port()
         proxy = Server(
             [
-                sys.executable, str(EXAMPLE), "--upstream", index.url, "--port", str(port),
-                "--cache", str(tmp_path / "proxy-cache"),
+                sys.executable,
+                str(EXAMPLE),
+                "--upstream",
+                index.url,
+                "--port",
+                str(port),
+                "--cache",
+                str(tmp_path / "proxy-cache"),
             ],
             port,
             "/healthz",

@@ -411,9 +411,7 @@ async def test_random_header_values_no_longer_buy_fresh_quotas() -> None:
     at 5/minute. An unverified header key now also applies per client address."""
     app = make_app(RateLimitPolicy(limit="5/minute", key="header:x-api-key"), events=EventBus())
     async with client(app) as c:
-        codes = [
-            (await c.get("/", headers={"x-api-key": f"k{i}"})).status_code for i in range(50)
-        ]
+        codes = [(await c.get("/", headers={"x-api-key": f"k{i}"})).status_code for i in range(50)]
         other = await c.get("/", headers={"x-api-key": "k0"})  # another client, same key
     assert codes.count(200) == 5
     assert other.status_code == 429  # "k0" has 1 of 5 left, but this address none
@@ -425,7 +423,5 @@ async def test_verified_header_keys_stand_alone() -> None:
     policy = RateLimitPolicy(limit="2/minute", key="header:x-tenant", header_keys_verified=True)
     app = make_app(policy, events=EventBus())
     async with client(app) as c:
-        codes = [
-            (await c.get("/", headers={"x-tenant": t})).status_code for t in "aabbcc"
-        ]
+        codes = [(await c.get("/", headers={"x-tenant": t})).status_code for t in "aabbcc"]
     assert codes == [200] * 6

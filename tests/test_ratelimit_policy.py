@@ -258,6 +258,8 @@ _FIELD_VALUES: dict[str, Any] = {
     "costs": st.sampled_from([{}, {"/v2/*": 2}, {"/v2/*": 0}, {"/v2/*": 10**6}]),
     "max_tracked_keys": st.integers(-1, 5),
 }
+
+
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(table=st.fixed_dictionaries({}, optional=_FIELD_VALUES))
 def test_generated_policy_files_load_and_work_or_name_the_field(

@@ -595,9 +595,7 @@ def test_a_budget_takes_the_edges_of_its_ranges(clock: ManualClock) -> None:
 
 
 def test_a_budget_from_a_policy_keeps_its_window_clock_and_host_bound(clock: ManualClock) -> None:
-    policy = RetryPolicy(
-        budget_ratio=0.5, budget_min_retries_per_second=0.0, budget_window=20.0
-    )
+    policy = RetryPolicy(budget_ratio=0.5, budget_min_retries_per_second=0.0, budget_window=20.0)
     budget = RetryBudget.from_policy(policy, clock=clock, max_hosts=2)
     for _ in range(4):
         budget.record_attempt("a")

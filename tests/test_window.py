@@ -31,9 +31,7 @@ def test_totals_are_what_fell_in_the_last_buckets_slices(
         window.add(now, *amounts)
         added.append((math.floor(now / width), field, amount))
         index = math.floor(now / width)
-        expected = [
-            sum(a for i, f, a in added if f == k and i > index - buckets) for k in range(2)
-        ]
+        expected = [sum(a for i, f, a in added if f == k and i > index - buckets) for k in range(2)]
         assert list(window.totals(now)) == expected
 
 

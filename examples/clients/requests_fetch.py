@@ -1,6 +1,6 @@
 """Fetch URLs with requests through seawall: mounting the adapter is the one line.
 
-    python examples/clients/requests_fetch.py https://registry.example/v2/ ...
+python examples/clients/requests_fetch.py https://registry.example/v2/ ...
 """
 
 from __future__ import annotations

@@ -443,9 +443,7 @@ class ConcurrencyLimiter:
             return 0
         return min(p.max_queue_length, math.floor(rate * p.queue_interval * QUEUE_FILL_OVERLOADED))
 
-    def admit_limit(
-        self, priority: int, now: float | None = None, limit: int | None = None
-    ) -> int:
+    def admit_limit(self, priority: int, now: float | None = None, limit: int | None = None) -> int:
         """The in-flight count below which ``priority`` is admitted straight away.
 
         Under sustained overload each class above ``priority`` keeps ``priority_reserve``

@@ -510,7 +510,6 @@ class FallbackCache:
         }
 
 
-
 @dataclass(slots=True)
 class Recording:
     """One response being recorded: its key, what was promised, the headers to keep."""

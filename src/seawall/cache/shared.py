@@ -290,4 +290,3 @@ def _intact(meta: Meta, body: bytes) -> bool:
     if algorithm not in ("sha256", "sha512") or meta.get("size") != len(body):
         return False
     return hashlib.new(algorithm, body).hexdigest() == value
-

@@ -214,9 +214,7 @@ class _RequestsFace:
     def open_error(self, cause: CircuitOpenError, request: _Outgoing) -> BaseException:
         return CircuitOpenRequestsError(cause, request.request)
 
-    def no_slot_error(
-        self, host: str, waited: float | None, request: _Outgoing
-    ) -> BaseException:
+    def no_slot_error(self, host: str, waited: float | None, request: _Outgoing) -> BaseException:
         """A full bulkhead, as requests reports a connection not made in time (local)."""
         return requests.exceptions.ConnectTimeout(
             f"no free slot for {host} (max_concurrency) within {waited}s",

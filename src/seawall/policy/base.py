@@ -134,4 +134,3 @@ def check_statuses(field: str, value: Any, low: int, high: int) -> frozenset[int
         if isinstance(status, bool) or not isinstance(status, int) or not low <= status <= high:
             raise PolicyError(field, status, f"must be an HTTP status between {low} and {high}")
     return frozenset(value)
-

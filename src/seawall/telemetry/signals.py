@@ -650,4 +650,3 @@ class SignalListener:
 
     def _handler(self, signal: Signal) -> Handler:
         raise NotImplementedError
-
