@@ -329,7 +329,8 @@ class FallbackCacheMiddleware:
             if isinstance(exc, Exception) and await self._answer_failure(ex, send, head):
                 return
             raise
-        await ex.drop_recording()
+        if ex.recorder is not None:  # most requests record nothing: no coroutine for them
+            await ex.drop_recording()
 
     async def _answer_failure(self, ex: _Exchange, send: Send, head: bool) -> bool:
         """Whether the client has its answer from the cache although the app raised."""
